@@ -1,0 +1,122 @@
+"""hfpatches: honest, version-aware fixes for the Hugging Face training stack.
+
+``import hfpatches; hfpatches.apply()`` imports nothing heavy: each patch attaches when its
+target module is imported. See README.md for the patches and the environment switches.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+from typing import Iterable, Iterator
+
+from ._report import Outcome, PatchError, PatchResult, Report
+from ._version import __version__
+
+logging.getLogger("hfpatches").addHandler(logging.NullHandler())
+
+__all__ = [
+    "apply", "revert", "status", "patched", "list_patches", "get_original",
+    "Report", "PatchResult", "Outcome", "PatchError", "PatchInfo", "__version__",
+    # helpers that arrive with their patches (imported lazily on first use)
+    "materialize", "peft_state_dict", "explain_load", "LoadReport", "LoadError", "CheckpointError",
+]
+
+
+def apply(only: Iterable[str] | str | None = None, exclude: Iterable[str] | str = (), *,
+          strict: bool | None = None) -> Report:
+    """Apply the selected patches (default: every default-on patch). Idempotent, thread-safe.
+
+    ``only``/``exclude`` beat ``HFPATCHES_ONLY``/``HFPATCHES_DISABLE``; ``strict`` beats
+    ``HFPATCHES_STRICT``. Under strict, FAILED / TARGET_CHANGED / CONFLICT raise
+    :class:`PatchError` (for a DEFERRED patch: when its target is imported).
+    """
+    from ._registry import ENGINE
+
+    if isinstance(only, str):
+        only = [s.strip() for s in only.split(",") if s.strip()]
+    if isinstance(exclude, str):
+        exclude = [s.strip() for s in exclude.split(",") if s.strip()]
+    return ENGINE.apply(only, tuple(exclude or ()), strict)
+
+
+def revert(names: Iterable[str] | str | None = None) -> Report:
+    """Restore the originals of the named patches (default: all). Exact: identity holds after."""
+    from ._registry import ENGINE
+
+    return ENGINE.revert(names if names is None or isinstance(names, str) else list(names))
+
+
+def status() -> Report:
+    """What is live now. No side effects: no probe runs, nothing is imported."""
+    from ._registry import ENGINE
+
+    return ENGINE.status()
+
+
+@contextlib.contextmanager
+def patched(*names: str) -> Iterator[Report]:
+    """Apply the named patches (all default ones if none) on enter, revert them on exit.
+
+    Only patches this block made live are reverted; ones already live before stay live.
+    """
+    from ._registry import ENGINE
+
+    with ENGINE.lock:
+        before = {pid for pid in ENGINE.status() if ENGINE.recorder.records(pid)}
+    report = apply(list(names) if names else None)
+    try:
+        yield report
+    finally:
+        mine = [pid for pid, r in report.items()
+                if pid not in before and (ENGINE.recorder.records(pid) or r.outcome == Outcome.DEFERRED)]
+        if mine:
+            revert(mine)
+
+
+class PatchInfo:
+    """Read-only description of one patch (``list_patches()``)."""
+
+    __slots__ = ("id", "summary", "upstream", "requires", "fixed_in", "targets", "default_enabled",
+                 "enable_env", "affected", "verified_stacks")
+
+    def __init__(self, p) -> None:
+        for k in self.__slots__:
+            setattr(self, k, getattr(p, k))
+        self.targets = tuple(t.path for t in p.targets)
+
+    def __repr__(self) -> str:
+        return f"PatchInfo({self.id!r}, requires={self.requires}, fixed_in={self.fixed_in!r})"
+
+
+def list_patches() -> list[PatchInfo]:
+    from ._registry import registry
+
+    return [PatchInfo(p) for p in registry().values()]
+
+
+def get_original(name_or_target):
+    """The unpatched object for a patch id, a dotted attribute path, or a patched object."""
+    from ._registry import get_original as _go
+
+    return _go(name_or_target)
+
+
+_LAZY = {
+    "materialize": "hfpatches.patches.meta_buffers",
+    "peft_state_dict": "hfpatches.peft_keys",
+    "explain_load": "hfpatches.loading",
+    "LoadReport": "hfpatches.loading",
+    "LoadError": "hfpatches.errors",
+    "CheckpointError": "hfpatches.errors",
+    "flair": "hfpatches.flair",
+}
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'hfpatches' has no attribute {name!r}")
+    if name == "flair":
+        return importlib.import_module(mod)
+    return getattr(importlib.import_module(mod), name)

@@ -1,0 +1,591 @@
+"""Patch declarations, the recorder that owns every mutation, and the apply engine.
+
+Order of checks for one patch (DESIGN.md): installed? -> version range -> target modules
+imported (else DEFERRED, attach on import) -> target still has the expected shape -> probe says
+the bug is present -> apply -> probe again says it is fixed (else roll back, FAILED).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as _md
+import inspect
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from . import _env
+from ._report import BAD_OUTCOMES, LIVE_OUTCOMES, OK_OUTCOMES, Outcome, PatchError, PatchResult, Report
+
+log = logging.getLogger("hfpatches")
+
+_MISSING = object()
+
+
+# ----------------------------------------------------------------------------- declarations
+@dataclass(frozen=True)
+class Target:
+    """One attribute a patch replaces: ``module`` must be imported before the patch attaches.
+
+    ``attr`` is a dotted path inside the module (``"BertPreTrainedModel.from_pretrained"``).
+    ``params``: parameter names the target's signature must start with (the shape check);
+    a target whose signature changed is reported TARGET_CHANGED instead of being patched.
+    """
+
+    module: str
+    attr: str
+    params: tuple[str, ...] | None = None
+
+    @property
+    def path(self) -> str:
+        return f"{self.module}.{self.attr}"
+
+    def resolve(self) -> tuple[Any, str, Any]:
+        """Return ``(owner, name, raw_value)``; the raw value as stored (a classmethod stays one)."""
+        owner: Any = sys.modules[self.module]
+        *parents, name = self.attr.split(".")
+        for p in parents:
+            owner = getattr(owner, p)
+        return owner, name, _raw_getattr(owner, name)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    bug_present: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A fix. One per file under ``hfpatches/patches/``, exported there as ``PATCH``."""
+
+    id: str
+    summary: str
+    upstream: tuple[str, ...]
+    requires: tuple[str, ...]                  # PEP 508 lines: "liger-kernel>=0.5.6,<0.5.7"
+    fixed_in: str | None                       # "liger-kernel>=0.5.7", or None (unfixed)
+    targets: tuple[Target, ...]
+    probe: Callable[[], "bool | ProbeResult"]  # True: the installed code has the bug
+    apply: Callable[["PatchContext"], None]
+    default_enabled: bool = True               # opt-in patches: False
+    enable_env: str | None = None              # env var that switches an opt-in patch on
+    check: Callable[[], "str | None"] | None = None  # extra shape check: a reason if changed
+    affected: str = ""                         # human text for the README matrix
+    verified_stacks: tuple[str, ...] = ()      # stacks the test suite proves it on
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(t.module for t in self.targets))
+
+
+# ----------------------------------------------------------------------------- recorder
+def _raw_getattr(owner: Any, name: str, default: Any = _MISSING) -> Any:
+    """The attribute as stored (``inspect.getattr_static`` semantics for classes)."""
+    if isinstance(owner, type):
+        for klass in owner.__mro__:
+            if name in vars(klass):
+                return vars(klass)[name]
+        if default is _MISSING:
+            raise AttributeError(f"{owner.__qualname__} has no attribute {name!r}")
+        return default
+    return getattr(owner, name) if default is _MISSING else getattr(owner, name, default)
+
+
+def _has_own(owner: Any, name: str) -> bool:
+    try:
+        return name in vars(owner)
+    except TypeError:
+        return hasattr(owner, name)
+
+
+def _home(owner: Any) -> str:
+    mod = owner.__name__ if inspect.ismodule(owner) else getattr(owner, "__module__", "") or ""
+    return mod.split(".")[0]
+
+
+def _foreign_reason(value: Any, owner: Any, owned: set[int]) -> str | None:
+    """Why ``value`` looks like somebody else's patch (None when it looks original)."""
+    import wrapt
+
+    if id(value) in owned:
+        return None
+    if isinstance(value, wrapt.BaseObjectProxy):
+        return f"it is already wrapped by a wrapt proxy we do not own ({type(value).__qualname__})"
+    func = getattr(value, "__func__", value)
+    mod = getattr(func, "__module__", None)
+    home = _home(owner)
+    if isinstance(mod, str) and home and mod.split(".")[0] not in (home, "builtins"):
+        return f"it was replaced by {mod}.{getattr(func, '__qualname__', '?')} (not {home}'s own code)"
+    return None
+
+
+class Conflict(Exception):
+    """Raised inside ``apply`` when the attribute is somebody else's patch."""
+
+
+@dataclass
+class _Record:
+    owner: Any
+    name: str
+    original: Any          # the raw stored value before we touched it (first original)
+    had_own: bool          # False: it was inherited / absent -> delete on revert
+    replacement: Any
+    patch_id: str
+
+
+class Recorder:
+    """Owns every mutation hfpatches makes; restores exactly what it still owns."""
+
+    def __init__(self) -> None:
+        self._records: dict[tuple[int, str], _Record] = {}
+
+    def _key(self, owner: Any, name: str) -> tuple[int, str]:
+        return (id(owner), name)
+
+    def owned_ids(self) -> set[int]:
+        return {id(r.replacement) for r in self._records.values()}
+
+    def set(self, patch_id: str, owner: Any, name: str, replacement: Any) -> Any:
+        key = self._key(owner, name)
+        rec = self._records.get(key)
+        if rec is not None and rec.patch_id != patch_id:
+            raise Conflict(f"{_qual(owner)}.{name} is already patched by hfpatches patch {rec.patch_id!r}")
+        current = _raw_getattr(owner, name, None)
+        if rec is None:
+            why = _foreign_reason(current, owner, self.owned_ids())
+            if why:
+                raise Conflict(f"{_qual(owner)}.{name}: {why}")
+            rec = _Record(owner, name, current, _has_own(owner, name), replacement, patch_id)
+        elif _raw_getattr(owner, name, None) is not rec.replacement:
+            raise Conflict(f"{_qual(owner)}.{name} was re-patched by someone else after hfpatches")
+        rec.replacement = replacement
+        setattr(owner, name, replacement)
+        self._records[key] = rec
+        return rec.original
+
+    def records(self, patch_id: str) -> list[_Record]:
+        return [r for r in self._records.values() if r.patch_id == patch_id]
+
+    def restore(self, patch_id: str) -> list[str]:
+        """Undo every mutation of ``patch_id``, newest first; return what could not be undone."""
+        left: list[str] = []
+        for key, rec in reversed(list(self._records.items())):
+            if rec.patch_id != patch_id:
+                continue
+            current = _raw_getattr(rec.owner, rec.name, None)
+            if current is not rec.replacement:
+                left.append(f"{_qual(rec.owner)}.{rec.name} was patched again by someone else; left in place")
+                continue
+            if rec.had_own:
+                setattr(rec.owner, rec.name, rec.original)
+            else:
+                delattr(rec.owner, rec.name)
+            del self._records[key]
+        return left
+
+    def original_of(self, owner: Any, name: str) -> Any:
+        rec = self._records.get(self._key(owner, name))
+        return rec.original if rec else _raw_getattr(owner, name)
+
+    def find_by_replacement(self, obj: Any) -> _Record | None:
+        for rec in self._records.values():
+            if rec.replacement is obj or getattr(obj, "__func__", _MISSING) is getattr(rec.replacement, "__func__", None):
+                return rec
+        return None
+
+
+def _qual(owner: Any) -> str:
+    return getattr(owner, "__qualname__", None) or getattr(owner, "__name__", None) or repr(owner)
+
+
+class PatchContext:
+    """What a patch's ``apply`` uses to mutate anything; every change is recorded."""
+
+    def __init__(self, patch: Patch, recorder: Recorder):
+        self.patch = patch
+        self._rec = recorder
+
+    def module(self, name: str):
+        return sys.modules.get(name) or importlib.import_module(name)
+
+    def replace(self, owner: Any, name: str, value: Any) -> Any:
+        """Set ``owner.name = value``; returns the original raw value."""
+        return self._rec.set(self.patch.id, owner, name, value)
+
+    def wrap(self, owner: Any, name: str, wrapper: Callable) -> Any:
+        """Wrap ``owner.name`` with a wrapt ``FunctionWrapper`` (descriptor-correct: classmethods,
+        staticmethods and methods keep working). ``wrapper(wrapped, instance, args, kwargs)``."""
+        import wrapt
+
+        raw = _raw_getattr(owner, name)
+        proxy = wrapt.FunctionWrapper(raw, wrapper)
+        self._rec.set(self.patch.id, owner, name, proxy)
+        return proxy
+
+
+# ----------------------------------------------------------------------------- registry
+_patches: dict[str, Patch] | None = None
+
+
+def registry() -> dict[str, Patch]:
+    """All patches, discovered from ``hfpatches/patches/*.py`` (each exports ``PATCH``)."""
+    global _patches
+    if _patches is None:
+        import pkgutil
+
+        from . import patches as pkg
+
+        found: dict[str, Patch] = {}
+        for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+            if info.name.startswith("_"):
+                continue
+            mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+            patch = getattr(mod, "PATCH", None)
+            if isinstance(patch, Patch):
+                if patch.id in found:
+                    raise RuntimeError(f"duplicate patch id {patch.id!r} in {mod.__name__}")
+                found[patch.id] = patch
+        _patches = found
+    return _patches
+
+
+def _register_for_tests(patch: Patch) -> None:
+    """Add a patch outside ``hfpatches/patches`` (the framework's own tests use fake targets)."""
+    registry()[patch.id] = patch
+
+
+# ----------------------------------------------------------------------------- engine
+def dist_version(dist: str) -> str | None:
+    try:
+        return _md.version(dist)
+    except _md.PackageNotFoundError:
+        return None
+
+
+def _check_requires(patch: Patch) -> tuple[Outcome | None, str, str | None, bool | None]:
+    """(outcome-or-None-to-continue, reason, "dist version", in_range)."""
+    from packaging.requirements import Requirement
+    from packaging.version import InvalidVersion, Version
+
+    shown = []
+    for line in patch.requires:
+        req = Requirement(line)
+        ver = dist_version(req.name)
+        if ver is None:
+            return Outcome.NOT_INSTALLED, f"{req.name} is not installed", None, None
+        shown.append(f"{req.name} {ver}")
+        try:
+            v = Version(ver)
+        except InvalidVersion:
+            return Outcome.TARGET_CHANGED, f"{req.name} has an unparseable version {ver!r}", ", ".join(shown), None
+        if not req.specifier.contains(v, prereleases=True):
+            fixed = f"; fixed in {patch.fixed_in}" if patch.fixed_in else ""
+            return (Outcome.NOT_AFFECTED, f"{req.name} {ver} is outside the affected range "
+                    f"{req.specifier}{fixed}", ", ".join(shown), False)
+    return None, "", ", ".join(shown) or None, True
+
+
+def _check_shape(patch: Patch) -> str | None:
+    for t in patch.targets:
+        try:
+            _owner, _name, raw = t.resolve()
+        except (AttributeError, KeyError) as e:
+            return f"{t.path} not found ({e})"
+        if t.params is not None:
+            func = getattr(raw, "__func__", raw)
+            try:
+                names = tuple(inspect.signature(func).parameters)
+            except (TypeError, ValueError):
+                return f"{t.path} has no inspectable signature"
+            if names[: len(t.params)] != t.params:
+                return f"{t.path} signature is ({', '.join(names)}), expected it to start with ({', '.join(t.params)})"
+    if patch.check is not None:
+        return patch.check()
+    return None
+
+
+def _run_probe(patch: Patch) -> ProbeResult:
+    res = patch.probe()
+    return res if isinstance(res, ProbeResult) else ProbeResult(bool(res))
+
+
+class Engine:
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.recorder = Recorder()
+        self.results: dict[str, PatchResult] = {}
+        self.wanted: set[str] = set()        # patches apply() asked for and revert() has not undone
+        self.hooked: set[tuple[str, str]] = set()
+        self.strict_for: dict[str, bool] = {}
+        self.probe_for: dict[str, bool] = {}
+
+    # -- selection -------------------------------------------------------------------------
+    def select(self, only, exclude) -> tuple[list[str], dict[str, str]]:
+        reg = registry()
+        valid = ", ".join(sorted(reg))
+
+        def check(names, source):
+            names = tuple([names] if isinstance(names, str) else names)
+            for n in names:
+                if n != "*" and n not in reg:
+                    raise ValueError(f"unknown patch id {n!r} in {source}; valid ids: {valid}")
+            return names
+
+        if only is not None:
+            chosen, why_src = list(check(only, "only=")), "only="
+        else:
+            env_only = _env.get_list(_env.ONLY)
+            if env_only is not None:
+                chosen, why_src = list(check(env_only, _env.ONLY)), _env.ONLY
+            else:
+                chosen, why_src = [], None
+        disabled: dict[str, str] = {}
+        if exclude:
+            excl, excl_src = check(exclude, "exclude="), "exclude="
+        elif only is None:
+            excl, excl_src = check(_env.get_list(_env.DISABLE) or (), _env.DISABLE), _env.DISABLE
+        else:
+            excl, excl_src = (), ""
+        for pid, p in reg.items():
+            if why_src is not None and pid not in chosen and "*" not in chosen:
+                disabled[pid] = f"not selected ({why_src} {','.join(chosen)})"
+            elif "*" in excl or pid in excl:
+                disabled[pid] = f"disabled by {excl_src}"
+            elif why_src is None and not p.default_enabled:
+                if not (p.enable_env and _env.get_bool(p.enable_env, False)):
+                    disabled[pid] = (f"opt-in: enable with only=[{pid!r}]"
+                                     + (f" or {p.enable_env}=1" if p.enable_env else ""))
+        return [pid for pid in reg if pid not in disabled], disabled
+
+    # -- one patch ---------------------------------------------------------------------------
+    def _set(self, patch_id: str, outcome: Outcome, reason: str, **kw) -> PatchResult:
+        prev = self.results.get(patch_id)
+        res = PatchResult(patch_id, outcome, reason, **kw)
+        self.results[patch_id] = res
+        level = logging.WARNING if outcome in BAD_OUTCOMES else logging.INFO
+        if prev != res:
+            log.log(level, "%s: %s (%s)", patch_id, outcome.value, reason)
+        return res
+
+    def process(self, patch: Patch, *, from_hook: bool = False) -> PatchResult:
+        pid = patch.id
+        recs = self.recorder.records(pid)
+        if recs:
+            prev = self.results.get(pid)
+            moved = [f"{_qual(r.owner)}.{r.name}" for r in recs if _raw_getattr(r.owner, r.name, None) is not r.replacement]
+            if moved:
+                return self._set(pid, Outcome.CONFLICT, f"{', '.join(moved)} re-patched by someone else after hfpatches")
+            return self._set(pid, Outcome.ALREADY_APPLIED, "already live in this process",
+                             target_version=prev.target_version if prev else None,
+                             in_range=prev.in_range if prev else None,
+                             bug_present=prev.bug_present if prev else None)
+        outcome, reason, version, in_range = _check_requires(patch)
+        if outcome is not None:
+            return self._set(pid, outcome, reason, target_version=version, in_range=in_range)
+        missing = [m for m in patch.modules if m not in sys.modules]
+        if missing:
+            from . import _hooks
+
+            for m in missing:
+                _hooks.attach_on_import(self, m, pid)
+            return self._set(pid, Outcome.DEFERRED, f"will attach when {', '.join(missing)} is imported",
+                             target_version=version, in_range=in_range)
+        return self._attach(patch, version, in_range)
+
+    def _attach(self, patch: Patch, version, in_range) -> PatchResult:
+        pid = patch.id
+        kw = dict(target_version=version, in_range=in_range)
+        changed = _check_shape(patch)
+        if changed:
+            return self._set(pid, Outcome.TARGET_CHANGED, changed, **kw)
+        use_probe = self.probe_for.get(pid, True)
+        bug = None
+        if use_probe:
+            try:
+                before = _run_probe(patch)
+            except Exception as e:  # a probe that cannot run is a failure we report, not hide
+                return self._set(pid, Outcome.FAILED, f"probe raised {type(e).__name__}: {e}", **kw)
+            bug = before.bug_present
+            if not bug:
+                return self._set(pid, Outcome.NOT_AFFECTED, "probe: the installed code does not have the bug"
+                                 + (f" ({before.detail})" if before.detail else ""), bug_present=False, **kw)
+        ctx = PatchContext(patch, self.recorder)
+        try:
+            patch.apply(ctx)
+        except Conflict as e:
+            self.recorder.restore(pid)
+            return self._set(pid, Outcome.CONFLICT, str(e), bug_present=bug, **kw)
+        except Exception as e:
+            self.recorder.restore(pid)
+            return self._set(pid, Outcome.FAILED, f"apply raised {type(e).__name__}: {e}", bug_present=bug, **kw)
+        if use_probe:
+            try:
+                after = _run_probe(patch)
+                still, detail = after.bug_present, after.detail
+            except Exception as e:
+                still, detail = True, f"probe raised {type(e).__name__}: {e}"
+            if still:
+                self.recorder.restore(pid)
+                return self._set(pid, Outcome.FAILED, "verify: the probe still shows the bug after applying; "
+                                 "rolled back" + (f" ({detail})" if detail else ""), bug_present=bug, **kw)
+            reason = "probe found the bug; fix applied and verified"
+        else:
+            reason = f"version in range; applied without probing ({_env.PROBE}=0)"
+        return self._set(pid, Outcome.APPLIED, reason, bug_present=bug, **kw)
+
+    # -- public operations -------------------------------------------------------------------
+    def apply(self, only=None, exclude=(), strict=None) -> Report:
+        strict = _env.get_bool(_env.STRICT, False) if strict is None else bool(strict)
+        probe = _env.get_bool(_env.PROBE, True)
+        _env.get_path(_env.REPORT)
+        with self.lock:
+            chosen, disabled = self.select(only, exclude)
+            out: dict[str, PatchResult] = {}
+            for pid, why in disabled.items():
+                if pid in self.wanted or self.recorder.records(pid):
+                    # an earlier apply() switched it on: leave it live, say so
+                    out[pid] = self.results.get(pid) or self._set(pid, Outcome.DISABLED, why)
+                    continue
+                out[pid] = self._set(pid, Outcome.DISABLED, why)
+            reg = registry()
+            for pid in chosen:
+                self.wanted.add(pid)
+                self.strict_for[pid] = strict
+                self.probe_for[pid] = probe
+                out[pid] = self.process(reg[pid])
+            report = Report({pid: out[pid] for pid in reg if pid in out})
+            self.write_manifest()
+        if strict:
+            report.raise_for_failures()
+        return report
+
+    def on_import(self, patch_id: str) -> None:
+        """Called by the post-import hook of a target module."""
+        with self.lock:
+            if patch_id not in self.wanted or self.recorder.records(patch_id):
+                return
+            patch = registry()[patch_id]
+            if any(m not in sys.modules for m in patch.modules):
+                return
+            try:
+                res = self.process(patch, from_hook=True)
+            except Exception as e:  # never break the user's import because of us
+                res = self._set(patch_id, Outcome.FAILED, f"attach raised {type(e).__name__}: {e}")
+            self.write_manifest()
+        if self.strict_for.get(patch_id) and res.outcome not in OK_OUTCOMES:
+            raise PatchError(Report({patch_id: res}))
+
+    def revert(self, names=None) -> Report:
+        with self.lock:
+            reg = registry()
+            if names is None:
+                names = list(reg)
+            elif isinstance(names, str):
+                names = [names]
+            for n in names:
+                if n not in reg:
+                    raise ValueError(f"unknown patch id {n!r}; valid ids: {', '.join(sorted(reg))}")
+            out: dict[str, PatchResult] = {}
+            for pid in names:
+                self.wanted.discard(pid)
+                had = bool(self.recorder.records(pid))
+                left = self.recorder.restore(pid)
+                if left:
+                    out[pid] = self._set(pid, Outcome.CONFLICT, "; ".join(left))
+                elif had:
+                    out[pid] = self._set(pid, Outcome.DISABLED, "reverted: originals restored")
+                else:
+                    prev = self.results.get(pid)
+                    if prev is not None and prev.outcome == Outcome.DEFERRED:
+                        out[pid] = self._set(pid, Outcome.DISABLED, "reverted before it attached")
+                    else:
+                        out[pid] = prev or PatchResult(pid, Outcome.DISABLED, "was not applied")
+            self.write_manifest()
+            return Report(out)
+
+    def status(self) -> Report:
+        with self.lock:
+            out = {}
+            for pid in registry():
+                if self.recorder.records(pid):
+                    prev = self.results.get(pid)
+                    out[pid] = prev if prev and prev.outcome in LIVE_OUTCOMES else PatchResult(pid, Outcome.APPLIED, "live")
+                else:
+                    out[pid] = self.results.get(pid) or PatchResult(pid, Outcome.DISABLED, "not applied in this process")
+            return Report(out)
+
+    def write_manifest(self) -> None:
+        path = _env.get_path(_env.REPORT)
+        if not path:
+            return
+        from ._report import write_json_atomic
+        from ._version import __version__
+
+        reg = registry()
+        versions = {}
+        for p in reg.values():
+            for line in p.requires:
+                from packaging.requirements import Requirement
+
+                name = Requirement(line).name
+                versions[name] = dist_version(name)
+        payload = {
+            "hfpatches": __version__,
+            "python": sys.version.split()[0],
+            "pid": os.getpid(),
+            "versions": versions,
+            "patches": {pid: r.to_dict() for pid, r in self.results.items()},
+            "live": sorted(pid for pid in reg if self.recorder.records(pid)),
+        }
+        try:
+            write_json_atomic(path, payload)
+        except OSError as e:
+            log.warning("could not write %s=%s: %s", _env.REPORT, path, e)
+
+
+ENGINE = Engine()
+
+
+def get_original(name_or_target: Any) -> Any:
+    """The unpatched object.
+
+    * a patch id -> its original (a dict ``{target path: original}`` if it has several targets);
+    * a dotted path ``"pkg.module.Class.attr"`` -> the original raw value at that path;
+    * a patched object itself -> the object it replaced.
+    Unpatched things are returned as they are.
+    """
+    rec = ENGINE.recorder
+    with ENGINE.lock:
+        if isinstance(name_or_target, str):
+            reg = registry()
+            if name_or_target in reg:
+                patch = reg[name_or_target]
+                found = {}
+                for t in patch.targets:
+                    if t.module in sys.modules:
+                        owner, name, _ = t.resolve()
+                        found[t.path] = rec.original_of(owner, name)
+                if len(found) == 1:
+                    return next(iter(found.values()))
+                return found
+            parts = name_or_target.split(".")
+            for i in range(len(parts) - 1, 0, -1):
+                mod = ".".join(parts[:i])
+                if mod in sys.modules or _importable(mod):
+                    owner: Any = importlib.import_module(mod)
+                    for p in parts[i:-1]:
+                        owner = getattr(owner, p)
+                    return rec.original_of(owner, parts[-1])
+            raise ValueError(f"cannot resolve {name_or_target!r}")
+        hit = rec.find_by_replacement(name_or_target)
+        return hit.original if hit else name_or_target
+
+
+def _importable(mod: str) -> bool:
+    try:
+        importlib.import_module(mod)
+        return True
+    except ImportError:
+        return False

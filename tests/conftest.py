@@ -1,0 +1,103 @@
+"""Shared fixtures for the CPU suite (runs unchanged on both stacks: .venvs/affected, .venvs/latest)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+# Real weights are dequantized once and cached inside the repository (git-ignored), so CI reuses them.
+os.environ.setdefault("HFPATCHES_CACHE", str(ROOT / ".cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for _v in ("HFPATCHES_ONLY", "HFPATCHES_DISABLE", "HFPATCHES_STRICT", "HFPATCHES_PROBE",
+           "HFPATCHES_REPORT", "HFPATCHES_AUTO", "HFPATCHES_STRICT_LOADS", "HFPATCHES_DTYPE_POLICY"):
+    os.environ.pop(_v, None)
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+
+def _version(dist: str) -> str | None:
+    import importlib.metadata as md
+
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def current_stack() -> str:
+    """'affected' or 'latest', from the installed transformers (4.51.3 is the affected pin)."""
+    v = _version("transformers") or ""
+    return "affected" if v.startswith("4.51.") else "latest"
+
+
+@pytest.fixture(scope="session")
+def stack() -> str:
+    return current_stack()
+
+
+def pytest_report_header(config):
+    names = ("torch", "transformers", "peft", "accelerate", "liger-kernel", "trl", "flair", "flash-attn")
+    return f"stack: {current_stack()} ({', '.join(f'{n}={_version(n)}' for n in names)})"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    from hfpatches._models import minilm_dir as f
+
+    return f()
+
+
+@pytest.fixture(scope="session")
+def smollm_dir() -> str:
+    """fp32 safetensors SmolLM2-135M (dequantized from the packaged GGUF once, then cached)."""
+    from hfpatches._models import smollm2_dir
+
+    return smollm2_dir()
+
+
+@pytest.fixture
+def flash_attn_cpu():
+    """Import flash-attn's BERT on CPU (stubs for its CUDA-only pieces; tests only)."""
+    pytest.importorskip("flash_attn")
+    from _stubs import install_flash_attn_cpu_stubs
+
+    install_flash_attn_cpu_stubs()
+    import flash_attn.models.bert as fb
+
+    return fb
+
+
+@pytest.fixture(autouse=True)
+def _revert_everything():
+    """No test leaks a live patch into the next one."""
+    yield
+    import hfpatches
+
+    hfpatches.revert()
+
+
+def run_py(code: str, *, env: dict | None = None, check: bool = True, timeout: int = 600,
+           python: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (same venv unless ``python``); return the result."""
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)]), **(env or {})}
+    for k, v in list(full_env.items()):
+        if v is None:
+            del full_env[k]
+    proc = subprocess.run([python or sys.executable, "-c", textwrap.dedent(code)], env=full_env,
+                          capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"subprocess failed (rc={proc.returncode})\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def py():
+    return run_py

@@ -1,0 +1,493 @@
+"""The patch core on fake targets: order of checks, every outcome, exact revert, env, threads."""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+import threading
+import uuid
+
+import pytest
+import wrapt
+
+import hfpatches
+from hfpatches import Outcome, PatchError
+from hfpatches._registry import ENGINE, Patch, ProbeResult, Target, _register_for_tests, registry
+from _fakes import forget, make_fake
+
+HEAVY = ("torch", "transformers", "peft", "flash_attn", "liger_kernel", "flair", "accelerate", "trl", "triton")
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """A fresh fake package + a helper that registers patches against it (removed afterwards)."""
+    name = "fakelib_" + uuid.uuid4().hex[:8]
+    made: list[str] = []
+
+    class F:
+        mod = name
+
+        @staticmethod
+        def install(version="1.0.0"):
+            make_fake(tmp_path, name, version)
+
+        @staticmethod
+        def imp():
+            return importlib.import_module(name)
+
+        @staticmethod
+        def patch(pid=None, **kw):
+            pid = pid or f"fake_{uuid.uuid4().hex[:6]}"
+            kw.setdefault("summary", "fake")
+            kw.setdefault("upstream", ("example/fake#1",))
+            kw.setdefault("requires", (f"{name}>=1.0",))
+            kw.setdefault("fixed_in", f"{name}>=2.0")
+            kw.setdefault("targets", (Target(name, "add", params=("a", "b")),))
+            kw.setdefault("probe", lambda: sys.modules[name].add(2, 2) != 4)
+            kw.setdefault("apply", _fix_add)
+            p = Patch(id=pid, **kw)
+            _register_for_tests(p)
+            made.append(pid)
+            return p
+
+    F.install()
+    yield F
+    for pid in made:
+        hfpatches.revert([pid])
+        registry().pop(pid, None)
+        ENGINE.results.pop(pid, None)
+    forget(name)
+
+
+def _fix_add(ctx):
+    mod = sys.modules[ctx.patch.targets[0].module]
+    orig = mod.add
+
+    def add(a, b):
+        return a + b
+
+    add.__module__ = mod.__name__  # our replacement; ownership is by identity, not module name
+    ctx.replace(mod, "add", add)
+    assert orig is not add
+
+
+# ----------------------------------------------------------------------------- lightness
+def test_import_and_apply_import_nothing_heavy(py):
+    out = py("""
+        import sys, hfpatches
+        hfpatches.apply()
+        print(",".join(sorted(m for m in %r if m in sys.modules)))
+    """ % (HEAVY,)).stdout.strip()
+    assert out == "", f"hfpatches.apply() imported heavy modules: {out}"
+
+
+# ----------------------------------------------------------------------------- outcomes
+def test_applied_verified_and_exact_revert(fake):
+    mod = fake.imp()
+    original = mod.add
+    p = fake.patch()
+    rep = hfpatches.apply(only=[p.id])
+    assert rep[p.id].outcome == Outcome.APPLIED, rep
+    assert rep[p.id].bug_present is True and rep[p.id].in_range is True
+    assert mod.add(2, 2) == 4 and mod.add is not original
+    assert hfpatches.get_original(p.id) is original
+    assert hfpatches.get_original(f"{fake.mod}.add") is original
+    assert hfpatches.get_original(mod.add) is original
+    assert hfpatches.apply(only=[p.id])[p.id].outcome == Outcome.ALREADY_APPLIED
+    rev = hfpatches.revert([p.id])
+    assert rev[p.id].outcome == Outcome.DISABLED and "reverted" in rev[p.id].reason
+    assert mod.add is original and mod.add(2, 2) == 5
+    # apply -> revert -> apply works again
+    assert hfpatches.apply(only=[p.id])[p.id].outcome == Outcome.APPLIED
+
+
+def test_deferred_then_attaches_on_import_same_as_other_order(fake):
+    p = fake.patch()
+    assert fake.mod not in sys.modules
+    rep = hfpatches.apply(only=[p.id])
+    assert rep[p.id].outcome == Outcome.DEFERRED and fake.mod in rep[p.id].reason
+    mod = fake.imp()
+    assert hfpatches.status()[p.id].outcome == Outcome.APPLIED
+    assert mod.add(2, 2) == 4
+    hfpatches.revert([p.id])
+    assert mod.add(2, 2) == 5
+
+
+def test_revert_before_attach_never_attaches(fake):
+    p = fake.patch()
+    assert hfpatches.apply(only=[p.id])[p.id].outcome == Outcome.DEFERRED
+    assert hfpatches.revert([p.id])[p.id].outcome == Outcome.DISABLED
+    mod = fake.imp()
+    assert mod.add(2, 2) == 5 and hfpatches.status()[p.id].outcome == Outcome.DISABLED
+
+
+def test_inherited_attribute_is_deleted_on_revert_not_shadowed(fake):
+    mod = fake.imp()
+
+    def apply(ctx):
+        ctx.wrap(mod.Child, "greet", lambda w, inst, a, k: w(*a, **k).upper())
+
+    p = fake.patch(targets=(Target(fake.mod, "Child.greet"),), probe=lambda: mod.Child().greet("x") == "hello x",
+                   apply=apply)
+    assert "greet" not in vars(mod.Child)
+    assert hfpatches.apply(only=[p.id])[p.id].outcome == Outcome.APPLIED
+    assert mod.Child().greet("x") == "HELLO X" and mod.Base().greet("x") == "hello x"
+    hfpatches.revert([p.id])
+    assert "greet" not in vars(mod.Child), "revert left a shadow attribute on the subclass"
+    assert mod.Child.greet is mod.Base.greet
+
+
+def test_classmethod_stays_a_classmethod_for_subclasses(fake):
+    mod = fake.imp()
+    raw = vars(mod.Loader)["load"]
+
+    def apply(ctx):
+        ctx.wrap(mod.Loader, "load", lambda w, inst, a, k: ("patched",) + w(*a, **k))
+
+    p = fake.patch(targets=(Target(fake.mod, "Loader.load", params=("cls", "path")),),
+                   probe=lambda: mod.SubLoader.load("p")[0] != "patched", apply=apply)
+    assert hfpatches.apply(only=[p.id])[p.id].outcome == Outcome.APPLIED
+    assert mod.SubLoader.load("p") == ("patched", "SubLoader", "p")
+    assert mod.Loader.load("q", 1, k=2) == ("patched", "Loader", "q")
+    hfpatches.revert([p.id])
+    assert vars(mod.Loader)["load"] is raw
+    assert mod.SubLoader.load("p") == ("SubLoader", "p")
+
+
+def test_not_installed(fake):
+    p = fake.patch(requires=("surely-not-installed-dist-xyz>=1",))
+    r = hfpatches.apply(only=[p.id])[p.id]
+    assert r.outcome == Outcome.NOT_INSTALLED and "surely-not-installed-dist-xyz" in r.reason
+
+
+def test_not_affected_by_version(fake):
+    p = fake.patch(requires=(f"{fake.mod}<1.0",))
+    r = hfpatches.apply(only=[p.id])[p.id]
+    assert r.outcome == Outcome.NOT_AFFECTED and r.in_range is False and "fixed in" in r.reason
+
+
+def test_not_affected_by_probe(fake):
+    mod = fake.imp()
+    p = fake.patch(probe=lambda: ProbeResult(False, "add is right"))
+    r = hfpatches.apply(only=[p.id])[p.id]
+    assert r.outcome == Outcome.NOT_AFFECTED and "add is right" in r.reason
+    assert "add" not in {rec.name for rec in ENGINE.recorder.records(p.id)}
+    assert mod.add(2, 2) == 5
+
+
+@pytest.mark.parametrize("version", ["1.5.0.dev0", "1.5.0+cu121", "1.5.0rc1", "1.5.0.post2"])
+def test_odd_versions_are_parsed_prereleases_allowed(tmp_path, version):
+    name = "oddver_" + uuid.uuid4().hex[:6]
+    make_fake(tmp_path, name, version)
+    p = Patch(id="odd_" + name, summary="", upstream=(), requires=(f"{name}>=1.0,<2",), fixed_in=None,
+              targets=(Target(name, "add"),), probe=lambda: True, apply=_fix_add)
+    _register_for_tests(p)
+    try:
+        importlib.import_module(name)
+        r = hfpatches.apply(only=[p.id])[p.id]
+        assert r.outcome == Outcome.APPLIED and r.target_version == f"{name} {version}"
+    finally:
+        hfpatches.revert([p.id])
+        registry().pop(p.id)
+        forget(name)
+
+
+def test_target_changed_signature(fake):
+    fake.imp()
+    p = fake.patch(targets=(Target(fake.mod, "add", params=("x", "y")),))
+    r = hfpatches.apply(only=[p.id])[p.id]
+    assert r.outcome == Outcome.TARGET_CHANGED and "(a, b)" in r.reason and "(x, y)" in r.reason
+
+
+def test_target_changed_missing_attribute(fake):
+    fake.imp()
+    p = fake.patch(targets=(Target(fake.mod, "Nope.add"),))
+    r = hfpatches.apply(only=[p.id])[p.id]
+    assert r.outcome == Outcome.TARGET_CHANGED and "not found" in r.reason
+
+
+def test_failed_verify_rolls_back(fake):
+    mod = fake.imp()
+    original = mod.add
+    p = fake.patch(probe=lambda: True)  # the bug never goes away
+    r = hfpatches.apply(only=[p.id])[p.id]
+    assert r.outcome == Outcome.FAILED and "rolled back" in r.reason
+    assert mod.add is original and not ENGINE.recorder.records(p.id)
+
+
+def test_failed_apply_rolls_back_partial_changes(fake):
+    mod = fake.imp()
+    original = mod.add
+
+    def half(ctx):
+        ctx.replace(mod, "add", lambda a, b: a + b)
+        raise RuntimeError("boom")
+
+    p = fake.patch(apply=half)
+    r = hfpatches.apply(only=[p.id])[p.id]
+    assert r.outcome == Outcome.FAILED and "boom" in r.reason and mod.add is original
+
+
+def test_probe_that_raises_is_failed_not_hidden(fake):
+    fake.imp()
+    p = fake.patch(probe=lambda: 1 / 0)
+    r = hfpatches.apply(only=[p.id])[p.id]
+    assert r.outcome == Outcome.FAILED and "ZeroDivisionError" in r.reason
+
+
+def test_conflict_with_foreign_wrapt_wrapper(fake):
+    mod = fake.imp()
+    wrapt.wrap_function_wrapper(mod, "add", lambda w, i, a, k: w(*a, **k))
+    foreign = mod.add
+    p = fake.patch()
+    r = hfpatches.apply(only=[p.id])[p.id]
+    assert r.outcome == Outcome.CONFLICT and "wrapt proxy" in r.reason
+    assert mod.add is foreign
+
+
+def test_conflict_with_foreign_function(fake):
+    mod = fake.imp()
+
+    def someone_elses_add(a, b):
+        return a + b + 1
+
+    mod.add = someone_elses_add  # defined in tests.test_core: not the target's own code
+    p = fake.patch()
+    r = hfpatches.apply(only=[p.id])[p.id]
+    assert r.outcome == Outcome.CONFLICT and "someone_elses_add" in r.reason
+    assert mod.add is someone_elses_add
+
+
+def test_repatched_after_us_is_conflict_and_left_in_place(fake):
+    mod = fake.imp()
+    p = fake.patch()
+    assert hfpatches.apply(only=[p.id])[p.id].outcome == Outcome.APPLIED
+
+    def later(a, b):
+        return 0
+
+    mod.add = later
+    assert hfpatches.apply(only=[p.id])[p.id].outcome == Outcome.CONFLICT
+    r = hfpatches.revert([p.id])[p.id]
+    assert r.outcome == Outcome.CONFLICT and mod.add is later
+
+
+def test_two_patches_same_attribute_conflict(fake):
+    fake.imp()
+    a = fake.patch()
+    b = fake.patch()
+    assert hfpatches.apply(only=[a.id])[a.id].outcome == Outcome.APPLIED
+    r = hfpatches.apply(only=[b.id])[b.id]
+    # b's probe sees the fixed add -> not affected; force the probe to say "bug" to reach apply
+    assert r.outcome == Outcome.NOT_AFFECTED
+    c = fake.patch(probe=lambda: True)
+    assert hfpatches.apply(only=[c.id])[c.id].outcome == Outcome.CONFLICT
+
+
+def test_sixteen_threads_apply_once(fake):
+    fake.imp()
+    calls = []
+
+    def counted(ctx):
+        calls.append(1)
+        _fix_add(ctx)
+
+    p = fake.patch(apply=counted)
+    barrier = threading.Barrier(16)
+    outcomes = []
+
+    def worker():
+        barrier.wait()
+        outcomes.append(hfpatches.apply(only=[p.id])[p.id].outcome)
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert sorted(outcomes).count(Outcome.APPLIED) == 1
+    assert outcomes.count(Outcome.ALREADY_APPLIED) == 15
+
+
+def test_probe_off_trusts_version_range(fake, monkeypatch):
+    fake.imp()
+    probed = []
+    p = fake.patch(probe=lambda: probed.append(1) or True)
+    monkeypatch.setenv("HFPATCHES_PROBE", "0")
+    r = hfpatches.apply(only=[p.id])[p.id]
+    assert r.outcome == Outcome.APPLIED and "HFPATCHES_PROBE=0" in r.reason and probed == []
+
+
+# ----------------------------------------------------------------------------- selection / env
+def test_unknown_id_is_a_clear_error(fake):
+    p = fake.patch()
+    with pytest.raises(ValueError, match="unknown patch id 'nope'.*valid ids:.*" + p.id):
+        hfpatches.apply(only=["nope"])
+    with pytest.raises(ValueError, match="unknown patch id 'nope'"):
+        hfpatches.apply(exclude=["nope"])
+    with pytest.raises(ValueError, match="unknown patch id"):
+        hfpatches.revert(["nope"])
+
+
+def test_env_only_and_disable(fake, monkeypatch):
+    fake.imp()
+    p = fake.patch()
+    monkeypatch.setenv("HFPATCHES_DISABLE", p.id)
+    r = hfpatches.apply()[p.id]
+    assert r.outcome == Outcome.DISABLED and "HFPATCHES_DISABLE" in r.reason
+    monkeypatch.setenv("HFPATCHES_DISABLE", "*")
+    rep = hfpatches.apply()
+    assert all(x.outcome == Outcome.DISABLED for x in rep.values())
+    monkeypatch.delenv("HFPATCHES_DISABLE")
+    q = fake.patch(targets=(Target(fake.mod, "Base.greet"),), probe=lambda: False)
+    monkeypatch.setenv("HFPATCHES_ONLY", q.id)
+    rep = hfpatches.apply()
+    assert rep[p.id].outcome == Outcome.DISABLED and "HFPATCHES_ONLY" in rep[p.id].reason
+    assert rep[q.id].outcome == Outcome.NOT_AFFECTED
+    # arguments beat the environment
+    assert hfpatches.apply(only=[p.id])[p.id].outcome == Outcome.APPLIED
+    monkeypatch.setenv("HFPATCHES_ONLY", "nope")
+    with pytest.raises(ValueError, match="HFPATCHES_ONLY"):
+        hfpatches.apply()
+
+
+@pytest.mark.parametrize("var,value", [("HFPATCHES_STRICT", "maybe"), ("HFPATCHES_PROBE", "2"),
+                                       ("HFPATCHES_DISABLE", "meta buffers!")])
+def test_malformed_env_is_an_error_at_apply(monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match=var):
+        hfpatches.apply()
+
+
+def test_opt_in_patch_needs_selection(fake, monkeypatch):
+    fake.imp()
+    p = fake.patch(default_enabled=False, enable_env="HFPATCHES_FAKE_OPTIN")
+    r = hfpatches.apply()[p.id]
+    assert r.outcome == Outcome.DISABLED and "opt-in" in r.reason
+    monkeypatch.setenv("HFPATCHES_FAKE_OPTIN", "1")
+    assert hfpatches.apply()[p.id].outcome == Outcome.APPLIED
+
+
+def test_strict_raises_on_failure_and_at_deferred_attach(fake, monkeypatch):
+    p = fake.patch(probe=lambda: True)  # verify always fails
+    rep = hfpatches.apply(only=[p.id], strict=True)  # DEFERRED: nothing to judge yet
+    assert rep[p.id].outcome == Outcome.DEFERRED
+    with pytest.raises(PatchError, match=p.id):
+        fake.imp()
+    forget(fake.mod)
+    hfpatches.revert([p.id])
+    fake.imp()
+    with pytest.raises(PatchError, match="FAILED"):
+        hfpatches.apply(only=[p.id], strict=True)
+    monkeypatch.setenv("HFPATCHES_STRICT", "1")
+    with pytest.raises(PatchError):
+        hfpatches.apply(only=[p.id])
+    # the argument beats the environment
+    assert hfpatches.apply(only=[p.id], strict=False)[p.id].outcome == Outcome.FAILED
+
+
+def test_report_manifest_written_and_updated_on_attach(fake, tmp_path, monkeypatch):
+    path = tmp_path / "logs" / "hfpatches.json"
+    monkeypatch.setenv("HFPATCHES_REPORT", str(path))
+    p = fake.patch()
+    hfpatches.apply(only=[p.id])
+    data = json.loads(path.read_text())
+    assert data["patches"][p.id]["outcome"] == "DEFERRED" and p.id not in data["live"]
+    fake.imp()
+    data = json.loads(path.read_text())
+    assert data["patches"][p.id]["outcome"] == "APPLIED" and p.id in data["live"]
+    assert data["versions"][fake.mod] == "1.0.0"
+
+
+def test_every_outcome_is_logged_at_info(fake, caplog):
+    fake.imp()
+    p = fake.patch()
+    with caplog.at_level(logging.INFO, logger="hfpatches"):
+        hfpatches.apply(only=[p.id])
+        hfpatches.revert([p.id])
+    msgs = [r.getMessage() for r in caplog.records if r.name == "hfpatches"]
+    assert any(f"{p.id}: APPLIED" in m for m in msgs) and any(f"{p.id}: DISABLED" in m for m in msgs)
+
+
+def test_patched_restores_on_exception(fake):
+    mod = fake.imp()
+    original = mod.add
+    p = fake.patch()
+    with pytest.raises(KeyError):
+        with hfpatches.patched(p.id) as rep:
+            assert rep[p.id].outcome == Outcome.APPLIED and mod.add(2, 2) == 4
+            raise KeyError("x")
+    assert mod.add is original
+
+
+def test_patched_keeps_what_was_live_before(fake):
+    mod = fake.imp()
+    p = fake.patch()
+    hfpatches.apply(only=[p.id])
+    live = mod.add
+    with hfpatches.patched(p.id):
+        pass
+    assert mod.add is live
+
+
+def test_status_has_no_side_effects(fake):
+    p = fake.patch()
+    before = set(sys.modules)
+    st = hfpatches.status()
+    assert st[p.id].outcome == Outcome.DISABLED and fake.mod not in sys.modules
+    assert set(sys.modules) - before == set()
+
+
+def test_report_table_and_json(fake):
+    fake.imp()
+    p = fake.patch()
+    rep = hfpatches.apply(only=[p.id])
+    text = str(rep)
+    assert text.splitlines()[0].split()[:3] == ["patch", "outcome", "target"] and p.id in text
+    data = json.loads(rep.to_json())
+    assert data[p.id]["outcome"] == "APPLIED"
+    assert rep.raise_for_failures() is rep
+
+
+def test_list_patches_describes_every_patch():
+    infos = hfpatches.list_patches()
+    ids = {i.id for i in infos}
+    assert {"flash_attn_bert_prefix", "liger_flash_kwargs", "meta_buffers", "peft_save_load"} <= ids
+    for info in infos:
+        assert info.summary and info.requires and info.targets and info.upstream
+
+
+def test_every_patch_module_has_the_required_docstring():
+    for pid, p in registry().items():
+        if pid.startswith("fake_"):
+            continue
+        doc = importlib.import_module(f"hfpatches.patches.{pid}").__doc__ or ""
+        for word in ("probe", "upstream"):
+            assert word in doc.lower(), f"hfpatches/patches/{pid}.py docstring lacks {word!r}"
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_list_and_doctor_json(py):
+    out = py("import sys; from hfpatches.__main__ import main; sys.exit(main(['list']))").stdout
+    assert "meta_buffers" in out
+    proc = py("import sys; from hfpatches.__main__ import main; sys.exit(main(['doctor', '--json']))")
+    data = json.loads(proc.stdout)
+    assert {r["patch"] for r in data["patches"]} >= {"meta_buffers", "liger_flash_kwargs"}
+    assert data["versions"]["torch"].startswith("2.13.0")
+
+
+def test_cli_doctor_strict_fails_on_bad_outcome(py):
+    code = """
+        import sys
+        from hfpatches._registry import Patch, Target, _register_for_tests
+        _register_for_tests(Patch(id="fake_changed", summary="", upstream=(), requires=("packaging>=1",),
+            fixed_in=None, targets=(Target("packaging.version", "Version.__init__", params=("nope",)),),
+            probe=lambda: True, apply=lambda ctx: None))
+        from hfpatches.__main__ import main
+        sys.exit(main(["doctor", "--strict"]))
+    """
+    proc = py(code, check=False, env={"HFPATCHES_ONLY": None})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "fake_changed" in proc.stdout and "TARGET_CHANGED" in proc.stdout and "strict: FAIL" in proc.stdout

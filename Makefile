@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh machine:  `make demo`  and  `make test`.
+SHELL := /bin/bash
+A := .venvs/affected/bin/python
+L := .venvs/latest/bin/python
+export HFPATCHES_CACHE := $(CURDIR)/.cache
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo test test-affected test-latest gpu-test bench matrix wheel
+
+setup:
+	bash scripts/setup_env.sh affected
+	bash scripts/setup_env.sh latest
+
+## main job: every bug reproduced and fixed on the affected stack, then the doctor on the latest stack
+demo: setup
+	$(A) scripts/demo_cpu.py
+	@echo; echo "== latest stack: the same patches must report NOT_AFFECTED where upstream fixed the bug"
+	$(L) -m hfpatches doctor
+
+## the whole CPU suite on both stacks (+ the README matrix check)
+test: setup
+	$(A) scripts/matrix.py --check
+	$(A) -m pytest -q tests -p no:cacheprovider
+	$(L) -m pytest -q tests -p no:cacheprovider
+
+test-affected:
+	$(A) -m pytest -q tests
+test-latest:
+	$(L) -m pytest -q tests
+
+## on a CUDA machine (see README "GPU regression suite")
+gpu-test:
+	bash gpu_tests/run.sh
+
+bench: setup
+	for b in benchmarks/*.py; do echo "== $$b"; $(A) $$b || exit 1; done
+
+matrix:
+	$(A) scripts/matrix.py --write

@@ -181,7 +181,7 @@ def test_odd_versions_are_parsed_prereleases_allowed(tmp_path, version):
     name = "oddver_" + uuid.uuid4().hex[:6]
     make_fake(tmp_path, name, version)
     p = Patch(id="odd_" + name, summary="", upstream=(), requires=(f"{name}>=1.0,<2",), fixed_in=None,
-              targets=(Target(name, "add"),), probe=lambda: True, apply=_fix_add)
+              targets=(Target(name, "add"),), probe=lambda: sys.modules[name].add(2, 2) != 4, apply=_fix_add)
     _register_for_tests(p)
     try:
         importlib.import_module(name)

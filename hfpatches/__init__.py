@@ -5,15 +5,12 @@ target module is imported. See README.md for the patches and the environment swi
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
-import logging
-from typing import Iterable, Iterator
 
 from ._report import Outcome, PatchError, PatchResult, Report
 from ._version import __version__
 
-logging.getLogger("hfpatches").addHandler(logging.NullHandler())
+# Nothing heavy here (no torch/transformers, not even typing/contextlib/wrapt): see _hooks.py.
 
 __all__ = [
     "apply", "revert", "status", "patched", "list_patches", "get_original",
@@ -23,7 +20,7 @@ __all__ = [
 ]
 
 
-def apply(only: Iterable[str] | str | None = None, exclude: Iterable[str] | str = (), *,
+def apply(only: "Iterable[str] | str | None" = None, exclude: "Iterable[str] | str" = (), *,
           strict: bool | None = None) -> Report:
     """Apply the selected patches (default: every default-on patch). Idempotent, thread-safe.
 
@@ -40,7 +37,7 @@ def apply(only: Iterable[str] | str | None = None, exclude: Iterable[str] | str 
     return ENGINE.apply(only, tuple(exclude or ()), strict)
 
 
-def revert(names: Iterable[str] | str | None = None) -> Report:
+def revert(names: "Iterable[str] | str | None" = None) -> Report:
     """Restore the originals of the named patches (default: all). Exact: identity holds after."""
     from ._registry import ENGINE
 
@@ -54,22 +51,32 @@ def status() -> Report:
     return ENGINE.status()
 
 
-@contextlib.contextmanager
-def patched(*names: str) -> Iterator[Report]:
-    """Apply the named patches (all default ones if none) on enter, revert them on exit.
+class patched:
+    """Context manager: apply the named patches (all default ones if none) on enter, revert them
+    on exit, also when the block raises. ``with hfpatches.patched("meta_buffers") as report: ...``
 
-    Only patches this block made live are reverted; ones already live before stay live.
+    Only patches this block made live (or left waiting for an import) are reverted; ones that
+    were already live before stay live.
     """
-    from ._registry import ENGINE
 
-    with ENGINE.lock:
-        before = {pid for pid in ENGINE.status() if ENGINE.recorder.records(pid)}
-    report = apply(list(names) if names else None)
-    try:
-        yield report
-    finally:
-        mine = [pid for pid, r in report.items()
-                if pid not in before and (ENGINE.recorder.records(pid) or r.outcome == Outcome.DEFERRED)]
+    def __init__(self, *names: str) -> None:
+        self.names = names
+        self.report: Report | None = None
+        self._before: set[str] = set()
+
+    def __enter__(self) -> Report:
+        from ._registry import ENGINE
+
+        with ENGINE.lock:
+            self._before = {pid for pid in ENGINE.status() if ENGINE.recorder.records(pid)}
+        self.report = apply(list(self.names) if self.names else None)
+        return self.report
+
+    def __exit__(self, *exc) -> None:
+        from ._registry import ENGINE
+
+        mine = [pid for pid, r in (self.report or {}).items()
+                if pid not in self._before and (ENGINE.recorder.records(pid) or r.outcome == Outcome.DEFERRED)]
         if mine:
             revert(mine)
 

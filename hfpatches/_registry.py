@@ -6,27 +6,83 @@ the bug is present -> apply -> probe again says it is fixed (else roll back, FAI
 """
 from __future__ import annotations
 
+import _thread
 import importlib
-import importlib.metadata as _md
-import inspect
-import logging
 import os
 import sys
-import threading
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
 
 from . import _env
 from ._report import BAD_OUTCOMES, LIVE_OUTCOMES, OK_OUTCOMES, Outcome, PatchError, PatchResult, Report
 
-log = logging.getLogger("hfpatches")
+# Start-up budget (<= 15 ms for ``import hfpatches; apply()``): no dataclasses, typing, inspect,
+# importlib.metadata, packaging or wrapt at import time; they load when a patch attaches, which
+# only happens when its (heavy) target is imported anyway.
+
+_early: list[tuple[int, str, tuple]] = []   # records made before anyone imported logging
+
+
+def _log(level: int, msg: str, *args) -> None:
+    """Log on the ``hfpatches`` logger (INFO=20, WARNING=30). ``logging`` is not imported for us:
+    until something else imports it (any target does; so does a user configuring logging) the
+    records wait here, in order, and are emitted on the next call after it is there. Nothing is
+    dropped; ``status()`` always has the full picture."""
+    logging = sys.modules.get("logging")
+    if logging is None:
+        _early.append((level, msg, args))
+        return
+    log = logging.getLogger("hfpatches")
+    if not log.handlers:
+        log.addHandler(logging.NullHandler())
+    while _early:
+        lvl, m, a = _early.pop(0)
+        log.log(lvl, m, *a)
+    log.log(level, msg, *args)
 
 _MISSING = object()
 
 
+class _Frozen:
+    """Tiny immutable record (keyword or positional init, repr, equality) without dataclasses."""
+
+    __slots__: tuple[str, ...] = ()
+    _defaults: dict = {}
+
+    def __init__(self, *args, **kwargs) -> None:
+        names = self.__slots__
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__} takes at most {len(names)} arguments")
+        values = dict(zip(names, args))
+        for k, v in kwargs.items():
+            if k not in names:
+                raise TypeError(f"{type(self).__name__} got an unexpected keyword argument {k!r}")
+            if k in values:
+                raise TypeError(f"{type(self).__name__} got multiple values for {k!r}")
+            values[k] = v
+        for k in names:
+            if k not in values:
+                if k not in self._defaults:
+                    raise TypeError(f"{type(self).__name__} missing required argument {k!r}")
+                values[k] = self._defaults[k]
+            object.__setattr__(self, k, values[k])
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def _tuple(self) -> tuple:
+        return tuple(getattr(self, k) for k in self.__slots__)
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and self._tuple() == other._tuple()
+
+    def __hash__(self) -> int:
+        return hash(tuple(id(v) if callable(v) else v for v in self._tuple()))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in self.__slots__)})"
+
+
 # ----------------------------------------------------------------------------- declarations
-@dataclass(frozen=True)
-class Target:
+class Target(_Frozen):
     """One attribute a patch replaces: ``module`` must be imported before the patch attaches.
 
     ``attr`` is a dotted path inside the module (``"BertPreTrainedModel.from_pretrained"``).
@@ -34,46 +90,44 @@ class Target:
     a target whose signature changed is reported TARGET_CHANGED instead of being patched.
     """
 
-    module: str
-    attr: str
-    params: tuple[str, ...] | None = None
+    __slots__ = ("module", "attr", "params")
+    _defaults = {"params": None}
 
     @property
     def path(self) -> str:
         return f"{self.module}.{self.attr}"
 
-    def resolve(self) -> tuple[Any, str, Any]:
+    def resolve(self):
         """Return ``(owner, name, raw_value)``; the raw value as stored (a classmethod stays one)."""
-        owner: Any = sys.modules[self.module]
+        owner = sys.modules[self.module]
         *parents, name = self.attr.split(".")
         for p in parents:
             owner = getattr(owner, p)
         return owner, name, _raw_getattr(owner, name)
 
 
-@dataclass(frozen=True)
-class ProbeResult:
-    bug_present: bool
-    detail: str = ""
+class ProbeResult(_Frozen):
+    """A probe's verdict: ``bug_present`` and a short ``detail`` shown in the reason."""
+
+    __slots__ = ("bug_present", "detail")
+    _defaults = {"detail": ""}
 
 
-@dataclass(frozen=True)
-class Patch:
-    """A fix. One per file under ``hfpatches/patches/``, exported there as ``PATCH``."""
+class Patch(_Frozen):
+    """A fix: the declaration (a frozen record). One per file under ``hfpatches/patches/``,
+    exported there as ``PATCH``.
 
-    id: str
-    summary: str
-    upstream: tuple[str, ...]
-    requires: tuple[str, ...]                  # PEP 508 lines: "liger-kernel>=0.5.6,<0.5.7"
-    fixed_in: str | None                       # "liger-kernel>=0.5.7", or None (unfixed)
-    targets: tuple[Target, ...]
-    probe: Callable[[], "bool | ProbeResult"]  # True: the installed code has the bug
-    apply: Callable[["PatchContext"], None]
-    default_enabled: bool = True               # opt-in patches: False
-    enable_env: str | None = None              # env var that switches an opt-in patch on
-    check: Callable[[], "str | None"] | None = None  # extra shape check: a reason if changed
-    affected: str = ""                         # human text for the README matrix
-    verified_stacks: tuple[str, ...] = ()      # stacks the test suite proves it on
+    id, summary, upstream (refs), requires (PEP 508 lines, e.g. ``"liger-kernel>=0.5.6,<0.5.7"``),
+    fixed_in (``"liger-kernel>=0.5.7"`` or None), targets, probe (``() -> bool | ProbeResult``,
+    True: the installed code has the bug), apply (``(PatchContext) -> None``), default_enabled
+    (False: opt-in), enable_env (env var that switches an opt-in patch on), check (extra shape
+    check returning a reason when the target changed), affected (README text), verified_stacks.
+    """
+
+    __slots__ = ("id", "summary", "upstream", "requires", "fixed_in", "targets", "probe", "apply",
+                 "default_enabled", "enable_env", "check", "affected", "verified_stacks")
+    _defaults = {"default_enabled": True, "enable_env": None, "check": None, "affected": "",
+                 "verified_stacks": ()}
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -100,8 +154,8 @@ def _has_own(owner: Any, name: str) -> bool:
         return hasattr(owner, name)
 
 
-def _home(owner: Any) -> str:
-    mod = owner.__name__ if inspect.ismodule(owner) else getattr(owner, "__module__", "") or ""
+def _home(owner) -> str:
+    mod = owner.__name__ if isinstance(owner, type(sys)) else getattr(owner, "__module__", "") or ""
     return mod.split(".")[0]
 
 
@@ -125,14 +179,15 @@ class Conflict(Exception):
     """Raised inside ``apply`` when the attribute is somebody else's patch."""
 
 
-@dataclass
 class _Record:
-    owner: Any
-    name: str
-    original: Any          # the raw stored value before we touched it (first original)
-    had_own: bool          # False: it was inherited / absent -> delete on revert
-    replacement: Any
-    patch_id: str
+    """One recorded mutation. ``original``: the raw stored value before we touched it (the first
+    original); ``had_own`` False: it was inherited / absent, so revert deletes it."""
+
+    __slots__ = ("owner", "name", "original", "had_own", "replacement", "patch_id")
+
+    def __init__(self, owner, name, original, had_own, replacement, patch_id):
+        self.owner, self.name, self.original = owner, name, original
+        self.had_own, self.replacement, self.patch_id = had_own, replacement, patch_id
 
 
 class Recorder:
@@ -233,15 +288,13 @@ def registry() -> dict[str, Patch]:
     """All patches, discovered from ``hfpatches/patches/*.py`` (each exports ``PATCH``)."""
     global _patches
     if _patches is None:
-        import pkgutil
-
         from . import patches as pkg
 
+        names = sorted({f[:-3] for d in pkg.__path__ for f in os.listdir(d)
+                        if f.endswith(".py") and not f.startswith("_")})
         found: dict[str, Patch] = {}
-        for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
-            if info.name.startswith("_"):
-                continue
-            mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for name in names:
+            mod = importlib.import_module(f"{pkg.__name__}.{name}")
             patch = getattr(mod, "PATCH", None)
             if isinstance(patch, Patch):
                 if patch.id in found:
@@ -258,10 +311,25 @@ def _register_for_tests(patch: Patch) -> None:
 
 # ----------------------------------------------------------------------------- engine
 def dist_version(dist: str) -> str | None:
+    import importlib.metadata as md
+
     try:
-        return _md.version(dist)
-    except _md.PackageNotFoundError:
+        return md.version(dist)
+    except md.PackageNotFoundError:
         return None
+
+
+def _findable(module: str) -> bool:
+    """Is the top-level package of ``module`` installed? (No import, no metadata scan.)"""
+    import importlib.util
+
+    top = module.partition(".")[0]
+    if top in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _check_requires(patch: Patch) -> tuple[Outcome | None, str, str | None, bool | None]:
@@ -288,6 +356,8 @@ def _check_requires(patch: Patch) -> tuple[Outcome | None, str, str | None, bool
 
 
 def _check_shape(patch: Patch) -> str | None:
+    import inspect
+
     for t in patch.targets:
         try:
             _owner, _name, raw = t.resolve()
@@ -313,7 +383,7 @@ def _run_probe(patch: Patch) -> ProbeResult:
 
 class Engine:
     def __init__(self) -> None:
-        self.lock = threading.RLock()
+        self.lock = _thread.RLock()
         self.recorder = Recorder()
         self.results: dict[str, PatchResult] = {}
         self.wanted: set[str] = set()        # patches apply() asked for and revert() has not undone
@@ -364,9 +434,9 @@ class Engine:
         prev = self.results.get(patch_id)
         res = PatchResult(patch_id, outcome, reason, **kw)
         self.results[patch_id] = res
-        level = logging.WARNING if outcome in BAD_OUTCOMES else logging.INFO
+        level = 30 if outcome in BAD_OUTCOMES else 20  # logging.WARNING / logging.INFO
         if prev != res:
-            log.log(level, "%s: %s (%s)", patch_id, outcome.value, reason)
+            _log(level, "%s: %s (%s)", patch_id, outcome.value, reason)
         return res
 
     def process(self, patch: Patch, *, from_hook: bool = False) -> PatchResult:
@@ -381,17 +451,23 @@ class Engine:
                              target_version=prev.target_version if prev else None,
                              in_range=prev.in_range if prev else None,
                              bug_present=prev.bug_present if prev else None)
-        outcome, reason, version, in_range = _check_requires(patch)
-        if outcome is not None:
-            return self._set(pid, outcome, reason, target_version=version, in_range=in_range)
         missing = [m for m in patch.modules if m not in sys.modules]
         if missing:
+            # Not imported yet: only the cheap "is it there at all?" check now; the version range,
+            # shape check and probe run when the target is imported (nothing heavy imported early).
+            absent = [m for m in missing if not _findable(m)]
+            if absent:
+                return self._set(pid, Outcome.NOT_INSTALLED,
+                                 f"module {absent[0].partition('.')[0]} is not installed "
+                                 f"(needs {'; '.join(patch.requires)})")
             from . import _hooks
 
             for m in missing:
                 _hooks.attach_on_import(self, m, pid)
-            return self._set(pid, Outcome.DEFERRED, f"will attach when {', '.join(missing)} is imported",
-                             target_version=version, in_range=in_range)
+            return self._set(pid, Outcome.DEFERRED, f"will attach when {', '.join(missing)} is imported")
+        outcome, reason, version, in_range = _check_requires(patch)
+        if outcome is not None:
+            return self._set(pid, outcome, reason, target_version=version, in_range=in_range)
         return self._attach(patch, version, in_range)
 
     def _attach(self, patch: Patch, version, in_range) -> PatchResult:
@@ -542,13 +618,13 @@ class Engine:
         try:
             write_json_atomic(path, payload)
         except OSError as e:
-            log.warning("could not write %s=%s: %s", _env.REPORT, path, e)
+            _log(30, "could not write %s=%s: %s", _env.REPORT, path, e)
 
 
 ENGINE = Engine()
 
 
-def get_original(name_or_target: Any) -> Any:
+def get_original(name_or_target):
     """The unpatched object.
 
     * a patch id -> its original (a dict ``{target path: original}`` if it has several targets);
@@ -574,7 +650,7 @@ def get_original(name_or_target: Any) -> Any:
             for i in range(len(parts) - 1, 0, -1):
                 mod = ".".join(parts[:i])
                 if mod in sys.modules or _importable(mod):
-                    owner: Any = importlib.import_module(mod)
+                    owner = importlib.import_module(mod)
                     for p in parts[i:-1]:
                         owner = getattr(owner, p)
                     return rec.original_of(owner, parts[-1])

@@ -1,27 +1,48 @@
 """Outcomes and the Report every public call returns."""
 from __future__ import annotations
 
-import enum
-import json
 import os
-import tempfile
-from dataclasses import asdict, dataclass, field
-from typing import Iterator, Mapping
+
+# No enum/dataclasses/typing/json/collections at import time: ``import hfpatches; apply()``
+# must stay within its start-up budget (<= 15 ms); see benchmarks/startup.py.
 
 
-class Outcome(str, enum.Enum):
-    APPLIED = "APPLIED"
-    ALREADY_APPLIED = "ALREADY_APPLIED"
-    DEFERRED = "DEFERRED"
-    NOT_INSTALLED = "NOT_INSTALLED"
-    NOT_AFFECTED = "NOT_AFFECTED"
-    DISABLED = "DISABLED"
-    TARGET_CHANGED = "TARGET_CHANGED"
-    CONFLICT = "CONFLICT"
-    FAILED = "FAILED"
+class Outcome(str):
+    """A patch outcome: a string constant (``Outcome.APPLIED == "APPLIED"``), enum-like.
 
-    def __str__(self) -> str:  # pragma: no cover - trivial
-        return self.value
+    Not an ``enum.Enum`` on purpose: ``enum`` alone costs several ms of the start-up budget.
+    """
+
+    __slots__ = ()
+    _ALL: tuple = ()
+
+    def __new__(cls, value):
+        value = str.__str__(value) if isinstance(value, str) else value
+        if cls._ALL and value not in cls._ALL:
+            raise ValueError(f"{value!r} is not an Outcome; valid: {', '.join(cls._ALL)}")
+        return str.__new__(cls, value)
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+    @property
+    def name(self) -> str:
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"<Outcome.{str.__str__(self)}>"
+
+    def __reduce__(self):
+        return (Outcome, (str.__str__(self),))
+
+
+for _n in ("APPLIED", "ALREADY_APPLIED", "DEFERRED", "NOT_INSTALLED", "NOT_AFFECTED", "DISABLED",
+           "TARGET_CHANGED", "CONFLICT", "FAILED"):
+    setattr(Outcome, _n, Outcome(_n))
+Outcome._ALL = ("APPLIED", "ALREADY_APPLIED", "DEFERRED", "NOT_INSTALLED", "NOT_AFFECTED", "DISABLED",
+                "TARGET_CHANGED", "CONFLICT", "FAILED")
+del _n
 
 
 #: Outcomes that are never a problem, also under strict mode.
@@ -43,35 +64,48 @@ class PatchError(RuntimeError):
         super().__init__("hfpatches: fixes that should be live are not:\n  " + "\n  ".join(bad))
 
 
-@dataclass(frozen=True)
 class PatchResult:
-    patch_id: str
-    outcome: Outcome
-    reason: str
-    target_version: str | None = None   # "flash-attn 2.8.3" style, or None
-    in_range: bool | None = None        # the installed version is inside `requires`
-    bug_present: bool | None = None     # probe verdict before applying (None: not probed)
+    """One patch's outcome, with a human reason (immutable)."""
+
+    __slots__ = ("patch_id", "outcome", "reason", "target_version", "in_range", "bug_present")
+
+    def __init__(self, patch_id: str, outcome: Outcome, reason: str, target_version: str | None = None,
+                 in_range: bool | None = None, bug_present: bool | None = None) -> None:
+        set_ = object.__setattr__
+        set_(self, "patch_id", patch_id)
+        set_(self, "outcome", Outcome(outcome))
+        set_(self, "reason", reason)
+        set_(self, "target_version", target_version)   # "flash-attn 2.8.3" style, or None
+        set_(self, "in_range", in_range)               # the installed version is inside `requires`
+        set_(self, "bug_present", bug_present)         # probe verdict before applying (None: not probed)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("PatchResult is immutable")
+
+    def _tuple(self) -> tuple:
+        return tuple(getattr(self, k) for k in self.__slots__)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, PatchResult) and self._tuple() == other._tuple()
+
+    def __hash__(self) -> int:
+        return hash(self._tuple())
+
+    def __repr__(self) -> str:
+        return f"PatchResult({self.patch_id!r}, {self.outcome.value}, {self.reason!r})"
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {k: getattr(self, k) for k in self.__slots__}
         d["outcome"] = self.outcome.value
         return d
 
 
-@dataclass
-class Report(Mapping[str, PatchResult]):
-    """Maps each patch id to its :class:`PatchResult`."""
+class Report(dict):
+    """Maps each patch id to its :class:`PatchResult` (a dict, with a table ``str()``)."""
 
-    results: dict[str, PatchResult] = field(default_factory=dict)
-
-    def __getitem__(self, key: str) -> PatchResult:
-        return self.results[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.results)
-
-    def __len__(self) -> int:
-        return len(self.results)
+    @property
+    def results(self) -> dict:
+        return self
 
     def outcome(self, patch_id: str) -> Outcome:
         return self.results[patch_id].outcome
@@ -94,11 +128,13 @@ class Report(Mapping[str, PatchResult]):
         return {k: v.to_dict() for k, v in self.results.items()}
 
     def to_json(self, **kw) -> str:
+        import json
+
         kw.setdefault("indent", 2)
         return json.dumps(self.to_dict(), **kw)
 
     def __str__(self) -> str:
-        if not self.results:
+        if not self:
             return "(no patches)"
         rows = [("patch", "outcome", "target", "reason")]
         rows += [(r.patch_id, r.outcome.value, r.target_version or "-", r.reason)
@@ -116,6 +152,9 @@ class Report(Mapping[str, PatchResult]):
 
 def write_json_atomic(path: str, payload: dict) -> None:
     """Write ``payload`` as JSON so that a crash leaves the old file intact."""
+    import json
+    import tempfile
+
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".hfpatches-", suffix=".json", dir=directory)

@@ -156,12 +156,20 @@ def test_classmethod_stays_a_classmethod_for_subclasses(fake):
 
 
 def test_not_installed(fake):
+    fake.imp()
     p = fake.patch(requires=("surely-not-installed-dist-xyz>=1",))
     r = hfpatches.apply(only=[p.id])[p.id]
     assert r.outcome == Outcome.NOT_INSTALLED and "surely-not-installed-dist-xyz" in r.reason
 
 
+def test_not_installed_module_is_known_without_importing_anything(fake):
+    p = fake.patch(targets=(Target("surely_not_installed_mod_xyz.sub", "f"),))
+    r = hfpatches.apply(only=[p.id])[p.id]
+    assert r.outcome == Outcome.NOT_INSTALLED and "surely_not_installed_mod_xyz" in r.reason
+
+
 def test_not_affected_by_version(fake):
+    fake.imp()
     p = fake.patch(requires=(f"{fake.mod}<1.0",))
     r = hfpatches.apply(only=[p.id])[p.id]
     assert r.outcome == Outcome.NOT_AFFECTED and r.in_range is False and "fixed in" in r.reason

@@ -88,8 +88,10 @@ def attach_on_import(engine, module: str, patch_id: str) -> None:
 def autostart() -> None:
     """Entry of ``hfpatches_auto.pth`` when ``HFPATCHES_AUTO`` is set: apply with env settings.
 
-    Never breaks interpreter start-up: a malformed setting is logged and printed to stderr,
-    except under ``HFPATCHES_STRICT=1``, where it raises.
+    Never breaks interpreter start-up: a malformed setting is printed to stderr and the process
+    goes on unpatched, except under ``HFPATCHES_STRICT=1``, where the interpreter exits with
+    status 1 (a run that must have its fixes does not start without them). site.py swallows
+    exceptions raised in a .pth line, hence SystemExit.
     """
     import os
 
@@ -104,6 +106,7 @@ def autostart() -> None:
         apply()
     except Exception as e:
         strict = os.environ.get(_env.STRICT, "").strip().lower() in ("1", "true", "yes", "on")
-        if strict:
-            raise
         print(f"hfpatches: {_env.AUTO}=1 but apply() failed: {type(e).__name__}: {e}", file=sys.stderr)
+        if strict:
+            print(f"hfpatches: {_env.STRICT}=1: refusing to start without the fixes", file=sys.stderr)
+            raise SystemExit(1)

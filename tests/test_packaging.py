@@ -36,14 +36,12 @@ def venv(dist, tmp_path_factory):
     is borrowed from this test's venv through a path-only .pth (its own .pth files, including the
     editable hfpatches, are not processed), so nothing is downloaded."""
     d = tmp_path_factory.mktemp("venv")
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(d)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(d)], check=True)  # bundled pip, offline
     py = d / "bin" / "python"
     site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                check=True, capture_output=True, text=True).stdout.strip())
     wheel = next(dist.glob("*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "-q",
-                    "--target", str(site), str(wheel)], check=True)
-    # --target does not process data files: the .pth sits at the wheel's root, so it lands in site
+    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True)
     assert (site / "hfpatches_auto.pth").exists(), sorted(p.name for p in site.iterdir())
     (site / "zz_borrow_stack.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return py

@@ -72,7 +72,7 @@ def doctor(as_json: bool = False, strict: bool = False) -> int:
             print(f"  {k:<13} {v or 'not installed'}")
         print()
         cols = ("patch", "target", "in_range", "probe", "outcome")
-        w = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+        w = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in cols}
         print("  ".join(c.ljust(w[c]) for c in cols) + "  reason")
         print("  ".join("-" * w[c] for c in cols) + "  ------")
         for r in rows:

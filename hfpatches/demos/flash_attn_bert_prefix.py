@@ -1,0 +1,184 @@
+"""Demo: flash-attn BERT ``from_pretrained`` on real all-MiniLM-L6-v2, before and after the patch.
+
+Also the shared helpers (config, batch, forward, checkpoint writers) that the tests, GPU tests and
+the benchmark use, so every one of them measures the same thing the same way.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+PID = "flash_attn_bert_prefix"
+TOL = 5e-5      # fp32 bound on max |delta| of the last hidden state vs transformers (issue acceptance)
+FLASH_OFF = dict(use_flash_attn=False, fused_bias_fc=False, fused_mlp=False, fused_dropout_add_ln=False)
+
+
+def flash_config(model_dir: str, **overrides):
+    """transformers ``BertConfig`` of ``model_dir`` with flash-attn's CUDA-only features off
+    (override e.g. ``use_flash_attn=True`` on a GPU)."""
+    from transformers import BertConfig
+
+    cfg = BertConfig.from_pretrained(model_dir, **{**FLASH_OFF, **overrides})
+    if getattr(cfg, "position_embedding_type", None) is None:  # transformers 5.x no longer sets it
+        cfg.position_embedding_type = "absolute"
+    return cfg
+
+
+def batch(model_dir: str, device="cpu"):
+    """Real tokenized sentences with padding (``hfpatches._models.SENTENCES``)."""
+    from transformers import AutoTokenizer
+
+    from .._models import SENTENCES
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return {k: v.to(device) for k, v in tok(SENTENCES, padding=True, return_tensors="pt").items()}
+
+
+def flash_hidden(model, b):
+    """Last hidden state of a flash-attn ``BertModel`` (or of the ``.bert`` of a task model)."""
+    import torch
+
+    bert = getattr(model, "bert", model)
+    with torch.no_grad():
+        return bert(b["input_ids"], token_type_ids=b["token_type_ids"],
+                    attention_mask=b["attention_mask"].bool()).last_hidden_state
+
+
+def flash_mlm_logits(model, b):
+    import torch
+
+    with torch.no_grad():
+        return model(b["input_ids"], token_type_ids=b["token_type_ids"],
+                     attention_mask=b["attention_mask"]).prediction_logits
+
+
+def hf_outputs(model_dir: str, b, *, pretraining: bool = False, dtype=None, device="cpu"):
+    """transformers' reference: (last hidden state, MLM logits or None)."""
+    import torch
+    import transformers
+
+    kw = {"torch_dtype": dtype} if dtype is not None else {}
+    cls = transformers.BertForPreTraining if pretraining else transformers.BertModel
+    model = cls.from_pretrained(model_dir, **kw).to(device).eval()
+    with torch.no_grad():
+        if pretraining:
+            out = model(**b, output_hidden_states=True)
+            return out.hidden_states[-1], out.prediction_logits
+        return model(**b).last_hidden_state, None
+
+
+def max_delta(a, b, mask) -> float:
+    """max |a - b| over the non-padded positions."""
+    m = mask.bool()
+    return (a.float() - b.float())[m].abs().max().item()
+
+
+def write_pretraining_checkpoint(src_dir: str, out_dir: str, *, legacy_bin: bool = False, seed: int = 0,
+                                 max_shard_size=None) -> str:
+    """A ``bert.``-prefixed checkpoint: transformers' ``BertForPreTraining`` with ``src_dir``'s
+    backbone and seeded heads, saved by ``save_pretrained`` (safetensors), or in the legacy form
+    (``pytorch_model.bin`` with ``LayerNorm.gamma``/``beta`` keys) when ``legacy_bin``."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "newly initialized: cls.*" is the point here
+    try:
+        model = transformers.BertForPreTraining.from_pretrained(src_dir)
+    finally:
+        transformers.logging.set_verbosity(level)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    if not legacy_bin:
+        model.save_pretrained(out_dir, safe_serialization=True, **kw)
+        return out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    model.config.save_pretrained(out_dir)
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.endswith("LayerNorm.weight"):
+            k = k[: -len("weight")] + "gamma"
+        elif k.endswith("LayerNorm.bias"):
+            k = k[: -len("bias")] + "beta"
+        sd[k] = v.detach().clone()
+    tmp = os.path.join(out_dir, "pytorch_model.bin.tmp")
+    torch.save(sd, tmp)
+    os.replace(tmp, os.path.join(out_dir, "pytorch_model.bin"))
+    return out_dir
+
+
+def _load(fb_cls, path, cfg):
+    """(model, None) or (None, 'ErrorType: message')."""
+    try:
+        return fb_cls.from_pretrained(path, cfg).eval(), None
+    except Exception as e:  # the demo shows whatever the installed code does
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:140]}"
+
+
+def run(say) -> bool:
+    import hfpatches
+
+    try:
+        import flash_attn.models.bert as fb
+    except Exception as e:  # ImportError without CUDA, or its AssertionError from the Triton LayerNorm
+        say(f"flash_attn.models.bert does not import here ({type(e).__name__}: {e}); nothing to show")
+        return True
+    from .._models import minilm_dir
+
+    src = minilm_dir()
+    cfg = flash_config(src)
+    b = batch(src)
+    mask = b["attention_mask"]
+    say("reference: transformers BertModel on all-MiniLM-L6-v2 (unprefixed checkpoint), "
+        f"{mask.shape[0]} padded sentences, fp32")
+    ref_hidden, _ = hf_outputs(src, b)
+    with tempfile.TemporaryDirectory(prefix="hfpatches-demo-") as tmp:
+        say("writing a bert.-prefixed checkpoint (transformers BertForPreTraining.save_pretrained) ...")
+        pre = write_pretraining_checkpoint(src, os.path.join(tmp, "pretraining"))
+        pre_hidden, pre_logits = hf_outputs(pre, b, pretraining=True)
+
+        def show(tag) -> list[float]:
+            deltas = []
+            m, err = _load(fb.BertModel, src, cfg)
+            if err:
+                say(f"{tag} BertModel.from_pretrained(all-MiniLM-L6-v2): {err}")
+                deltas.append(float("inf"))
+            else:
+                deltas.append(max_delta(flash_hidden(m, b), ref_hidden, mask))
+                say(f"{tag} BertModel.from_pretrained(all-MiniLM-L6-v2): max |delta| vs HF = {deltas[-1]:.2e}")
+            m1, err = _load(fb.BertModel, pre, cfg)
+            m2, _ = _load(fb.BertModel, pre, cfg)
+            if err:
+                say(f"{tag} BertModel.from_pretrained(bert.-prefixed): {err}")
+                deltas.append(float("inf"))
+            else:
+                h1, h2 = flash_hidden(m1, b), flash_hidden(m2, b)
+                deltas.append(max_delta(h1, pre_hidden, mask))
+                say(f"{tag} BertModel.from_pretrained(bert.-prefixed): max |delta| vs HF = {deltas[-1]:.2e}; "
+                    f"two loads {'bit-identical' if bool((h1 == h2).all()) else 'DIFFER (random weights)'}")
+            m, err = _load(fb.BertForPreTraining, pre, cfg)
+            if err:
+                say(f"{tag} BertForPreTraining.from_pretrained(bert.-prefixed): {err}")
+                deltas.append(float("inf"))
+            else:
+                deltas.append(max_delta(flash_mlm_logits(m, b), pre_logits, mask))
+                say(f"{tag} BertForPreTraining.from_pretrained(bert.-prefixed): MLM logits max |delta| = "
+                    f"{deltas[-1]:.2e}")
+            return deltas
+
+        hfpatches.revert([PID])  # unpatched, whatever ran before
+        show("unpatched:")
+        with hfpatches.patched(PID) as rep:
+            res = rep[PID]
+            if res.outcome.value != "APPLIED":
+                say(f"patch outcome on this stack: {res.outcome.value} ({res.reason})")
+                ok = res.outcome.value in ("NOT_AFFECTED", "NOT_INSTALLED")
+                if ok:
+                    deltas = show("unpatched (not affected):")
+                    ok = max(deltas) <= TOL
+                return ok
+            say(f"patch: {res.outcome.value} ({res.reason})")
+            deltas = show("patched:  ")
+    ok = max(deltas) <= TOL
+    say(f"patched max |delta| {max(deltas):.2e} (bound {TOL:.0e}): {'fixed' if ok else 'NOT FIXED'}")
+    return ok

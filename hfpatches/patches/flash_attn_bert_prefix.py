@@ -1,0 +1,423 @@
+"""flash-attn's BERT ``from_pretrained`` loads random weights or crashes, depending on the prefix.
+
+The bug
+    ``flash_attn.models.bert.BertPreTrainedModel.from_pretrained(model_name, config)`` builds
+    ``cls(config)``, then ``load_state_dict(remap_state_dict(state_dict_from_pretrained(name),
+    config), strict=False)``. ``remap_state_dict`` only rewrites keys that start with ``bert.`` (it
+    assumes a ``BertForPreTraining`` checkpoint), so:
+
+    * ``BertModel.from_pretrained`` on a ``bert.``-prefixed checkpoint (google-bert/bert-base-uncased)
+      matches no key - ``strict=False`` hides it and the model keeps its random initialisation
+      (different outputs at every load);
+    * a checkpoint saved from a bare ``BertModel`` (no prefix: sentence-transformers models such as
+      all-MiniLM-L6-v2) raises ``KeyError: 'bert.encoder.layers.0.attention.self.query.weight'``
+      for every class.
+
+Affected
+    Every flash-attn release with ``flash_attn/models/bert.py`` that we checked: 2.5.6 through
+    2.8.3.post2 and the 2026-08 HEAD. No fixed release exists (``fixed_in=None``); the probe, not a
+    version range, decides whether the installed code has the bug.
+
+Upstream
+    Dao-AILab/flash-attention#864 ("Bug in loading of pretrained BERT weights", closed without a fix).
+    Upstream's test covers only ``BertForPreTraining.from_pretrained`` on a prefixed checkpoint.
+
+Probe
+    Two tiny BERTs (1 layer, hidden 16) made with transformers' own ``BertModel`` and written as
+    safetensors to a temporary directory, once without and once with the ``bert.`` prefix, are loaded
+    through the installed ``flash_attn.models.bert.BertModel.from_pretrained``. Bug present <=> either
+    load raises the ``KeyError`` or the weights did not arrive (word embeddings / fused QKV differ
+    from the checkpoint). Runs in ~0.1 s, downloads nothing, and leaves the caller's torch RNG state
+    untouched (``torch.random.fork_rng``).
+
+Design
+    * ``BertPreTrainedModel.from_pretrained`` is wrapped with ``ctx.wrap`` (a wrapt FunctionWrapper
+      around the classmethod): it stays a classmethod for every subclass, and its signature
+      ``(model_name, config, *inputs, **kwargs)`` is kept; ``*inputs``/``**kwargs`` still go to
+      ``cls(config, *inputs, **kwargs)``.
+    * Reading reuses flash-attn's own ``state_dict_from_pretrained`` (local directory or hub cache,
+      safetensors, sharded indexes). The one exception: flash-attn <= 2.8.3 calls ``torch.load``
+      without ``weights_only=True`` (2.8.3.post2 passes it). Where the installed function does not
+      pass it and the checkpoint it would read is a ``.bin`` (or a ``.bin`` index), the same files -
+      resolved with transformers' ``cached_file``/``get_checkpoint_shard_files``, as flash-attn does -
+      are read here with ``torch.load(weights_only=True, mmap=True)``. Read failures (a truncated
+      safetensors file, a pickle that is not plain tensors) become ``CheckpointError``.
+    * Alignment: the checkpoint's prefix is found from where ``embeddings.word_embeddings.weight``
+      lives (``""``, ``"bert."`` or anything else); its backbone keys (``embeddings.``, ``encoder.``,
+      ``pooler.``) are moved under ``bert.``, flash-attn's own ``remap_state_dict`` does the real
+      work (QKV fusing, LayerNorm renames, ``gamma``/``beta``, vocab padding, ``last_layer_subset``),
+      and the result is moved to where the target class holds its ``flash_attn`` ``BertModel``
+      (``""`` for ``BertModel`` itself, ``bert.`` for ``BertForPreTraining``, any attribute name for
+      a user subclass). Only dictionaries of the same tensors are built: no extra copy of the weights.
+      With ``pad_vocab_size_multiple > 1`` ``remap_state_dict`` also needs the MLM decoder's weight
+      and bias; a checkpoint without them (a bare ``BertModel``, or transformers' safetensors, which
+      drop the tied decoder weight) gets stand-ins for the call that are dropped again afterwards.
+    * Strict load, alias-aware (a tied decoder weight counts as loaded with the word embeddings):
+      a missing backbone weight, a floating-point checkpoint weight the backbone has no place for
+      (e.g. more layers than ``num_hidden_layers``) or any shape mismatch raises
+      ``hfpatches.errors.CheckpointError`` naming the checkpoint, the class, the first 10 keys of
+      each kind with counts, the shapes, and the likely cause. A missing pooler or task head, and
+      head weights the class does not have, are allowed and listed in one WARNING on the
+      ``hfpatches.flash_attn_bert_prefix`` logger. Non-floating checkpoint buffers
+      (``embeddings.position_ids``) are ignored.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from .._registry import Patch, ProbeResult, Target
+
+PATCH_ID = "flash_attn_bert_prefix"
+MODULE = "flash_attn.models.bert"
+LOGGER = f"hfpatches.{PATCH_ID}"
+SHOW = 10                                   # keys shown per kind in errors and warnings
+BACKBONE_PARTS = ("embeddings.", "encoder.", "emb_ln.")   # flash-attn BertModel's own weights
+CHECKPOINT_PARTS = ("embeddings.", "encoder.", "pooler.")  # a HF BertModel's top-level children
+ANCHOR = "embeddings.word_embeddings.weight"
+DECODER_W, DECODER_B, HF_MLM_BIAS = "cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "cls.predictions.bias"
+
+
+# ----------------------------------------------------------------------------- reading
+def _upstream_bin_is_safe(fn) -> bool:
+    """Does the installed ``state_dict_from_pretrained`` pass ``weights_only=True`` to torch.load?"""
+    import inspect
+
+    try:
+        return "weights_only=True" in inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+
+
+def _bin_files(model_name: str) -> list[str] | None:
+    """The ``.bin`` files flash-attn's reader would pick for ``model_name``; None when it would read
+    safetensors (or find nothing: then its own reader raises its own error)."""
+    from transformers.utils import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+    from transformers.utils.hub import cached_file, get_checkpoint_shard_files
+
+    local = os.path.isdir(model_name)
+    if local and not os.path.isfile(os.path.join(model_name, WEIGHTS_NAME)) \
+            and not os.path.isfile(os.path.join(model_name, WEIGHTS_INDEX_NAME)):
+        return None  # flash-attn's local order: .bin, .bin index, then safetensors
+    for name, sharded in ((WEIGHTS_NAME, False), (WEIGHTS_INDEX_NAME, True)):
+        path = cached_file(model_name, name, _raise_exceptions_for_missing_entries=False)
+        if path:
+            return get_checkpoint_shard_files(model_name, path)[0] if sharded else [path]
+    return None
+
+
+def _torch_load(path: str) -> dict:
+    import zipfile
+
+    import torch
+
+    # mmap only works for the zip format (torch >= 1.6); the legacy format is read into memory
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+
+
+def read_state_dict(model_name: str) -> dict:
+    """The checkpoint's state dict, through flash-attn's own reader (``.bin`` always with
+    ``weights_only=True``). Raises ``CheckpointError`` when a file exists but cannot be read."""
+    from ..errors import CheckpointError
+
+    fb = sys.modules[MODULE]
+    reader = fb.state_dict_from_pretrained
+    try:
+        files = None if _upstream_bin_is_safe(reader) else _bin_files(model_name)
+        if files is None:
+            return reader(model_name)
+        out: dict = {}
+        for f in files:
+            out.update(_torch_load(f))
+        return out
+    except OSError as e:
+        if not _has_weights_file(model_name):
+            raise  # nothing to read: flash-attn's (or transformers') own "not found" error
+        raise CheckpointError(f"{_where(model_name)}: could not read the checkpoint "
+                              f"({type(e).__name__}: {e}). Likely cause: a truncated or corrupted file "
+                              "(an interrupted download or copy); fetch it again.") from e
+    except Exception as e:
+        raise CheckpointError(f"{_where(model_name)}: could not read the checkpoint "
+                              f"({type(e).__name__}: {e}). Likely cause: a truncated or corrupted file "
+                              "(an interrupted download or copy), or a .bin that holds more than plain "
+                              "tensors (refused by torch.load(weights_only=True)); fetch it again or "
+                              "convert it to safetensors.") from e
+
+
+def _has_weights_file(model_name: str) -> bool:
+    names = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.safetensors", "model.safetensors.index.json")
+    return os.path.isdir(model_name) and any(os.path.isfile(os.path.join(model_name, n)) for n in names)
+
+
+# ----------------------------------------------------------------------------- aligning
+def _where(model_name, cls=None) -> str:
+    who = f"{cls.__module__}.{cls.__qualname__}" if cls is not None else "flash_attn BERT"
+    return f"{who}.from_pretrained({str(model_name)!r})"
+
+
+def _checkpoint_prefix(keys) -> str | None:
+    """Where the BERT backbone lives in the checkpoint ('' or 'bert.' or ...); None: not a BERT."""
+    found = sorted({k[: -len(ANCHOR)] for k in keys if k.endswith(ANCHOR) and (k == ANCHOR or k[-len(ANCHOR) - 1] == ".")},
+                   key=len)
+    return found[0] if found else None
+
+
+def _target_prefix(model, fb) -> str:
+    """Where ``model`` holds its flash-attn ``BertModel``: '' (it is one), 'bert.', or another name."""
+    if isinstance(model, fb.BertModel):
+        return ""
+    names = [n for n, m in model.named_modules() if n and isinstance(m, fb.BertModel)]
+    return names[0] + "." if names else "bert."   # no BertModel inside: remap_state_dict's assumption
+
+
+def _to_bert_prefix(sd: dict, prefix: str) -> dict:
+    """Move the checkpoint's backbone keys (``<prefix>embeddings.`` ...) under ``bert.``."""
+    out = {}
+    for k, v in sd.items():
+        rest = k[len(prefix):] if k.startswith(prefix) else None
+        if rest is not None and rest.startswith(CHECKPOINT_PARTS):
+            out["bert." + rest] = v
+        else:
+            out[k] = v
+    return out
+
+
+def _from_bert_prefix(sd: dict, target: str) -> dict:
+    if target == "bert.":
+        return sd
+    return {(target + k[5:] if k.startswith("bert.") else k): v for k, v in sd.items()}
+
+
+def _layer_count(keys) -> int:
+    import re
+
+    idx = [int(m.group(1)) for k in keys for m in [re.search(r"encoder\.layers?\.(\d+)\.", k)] if m]
+    return max(idx) + 1 if idx else 0
+
+
+# ----------------------------------------------------------------------------- checking
+def _show(keys) -> str:
+    keys = list(keys)
+    more = f" (+{len(keys) - SHOW} more)" if len(keys) > SHOW else ""
+    return ", ".join(keys[:SHOW]) + more
+
+
+class _Plan:
+    """What a load would do, key by key (computed before anything is copied)."""
+
+    def __init__(self, model, sd: dict, target: str):
+        expected = model.state_dict(keep_vars=True)
+        aliases: dict[int, list[str]] = {}
+        for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+            aliases.setdefault(id(t), []).append(name)
+        backbone = tuple(target + p for p in BACKBONE_PARTS)
+        self.missing_backbone, self.missing_allowed = [], []
+        for k, t in expected.items():
+            if k in sd or any(a in sd for a in aliases.get(id(t), ())) or not t.is_floating_point():
+                continue
+            (self.missing_backbone if k.startswith(backbone) else self.missing_allowed).append(k)
+        self.unexpected_backbone, self.unexpected_allowed, self.ignored = [], [], []
+        for k, v in sd.items():
+            if k in expected:
+                continue
+            if not v.is_floating_point():
+                self.ignored.append(k)
+            else:
+                (self.unexpected_backbone if k.startswith(backbone) else self.unexpected_allowed).append(k)
+        self.mismatched = [(k, tuple(sd[k].shape), tuple(t.shape)) for k, t in expected.items()
+                           if k in sd and tuple(sd[k].shape) != tuple(t.shape)]
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing_backbone or self.unexpected_backbone or self.mismatched)
+
+
+def _likely_cause(plan: _Plan, raw_keys, sd_raw: dict, config) -> str:
+    causes = []
+    emb = next((sd_raw[k] for k in raw_keys if k.endswith(ANCHOR)), None)
+    hidden = getattr(config, "hidden_size", None)
+    if emb is not None and emb.ndim == 2 and hidden is not None and emb.shape[1] != hidden:
+        causes.append(f"the config does not match the checkpoint: its hidden size is {emb.shape[1]}, "
+                      f"config.hidden_size is {hidden}")
+    n_ckpt, n_cfg = _layer_count(raw_keys), getattr(config, "num_hidden_layers", None)
+    if n_ckpt and n_cfg is not None and n_ckpt != n_cfg:
+        causes.append(f"the checkpoint has {n_ckpt} encoder layers, config.num_hidden_layers is {n_cfg}")
+    if plan.mismatched and not causes:
+        causes.append("the config does not match the checkpoint (see the shapes above); build the config "
+                      "from the checkpoint's own config.json")
+    if not causes:
+        causes.append("the checkpoint is partial or names its weights differently from a transformers BERT")
+    return "; ".join(causes)
+
+
+def _error(model_name, cls, *, missing, unexpected, mismatched=(), cause: str):
+    from ..errors import CheckpointError
+
+    lines = [f"{_where(model_name, cls)}: the checkpoint does not fit this model; refusing to return a model "
+             "with randomly initialised backbone weights."]
+    if missing:
+        lines.append(f"  missing backbone weights ({len(missing)}): {_show(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected checkpoint weights ({len(unexpected)}): {_show(unexpected)}")
+    if mismatched:
+        shown = [f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in mismatched]
+        lines.append(f"  shape mismatches ({len(shown)}): {_show(shown)}")
+    lines.append(f"  likely cause: {cause}")
+    return CheckpointError("\n".join(lines))
+
+
+def _architecture_hint(model_name: str) -> str:
+    import json
+
+    path = os.path.join(str(model_name), "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return ""
+    arch = cfg.get("architectures") or cfg.get("model_type")
+    return f" (its config.json says {arch})" if arch else ""
+
+
+# ----------------------------------------------------------------------------- the fixed load
+def load_pretrained(cls, model_name, config, *inputs, **kwargs):
+    """What ``BertPreTrainedModel.from_pretrained`` does once patched (see the module docstring)."""
+    import logging
+
+    fb = sys.modules[MODULE]
+    model = cls(config, *inputs, **kwargs)
+    raw = read_state_dict(model_name)
+    raw_keys = list(raw)
+    prefix = _checkpoint_prefix(raw_keys)
+    if prefix is None:
+        raise _error(model_name, cls, missing=[ANCHOR], unexpected=raw_keys,
+                     cause=f"this is not a BERT checkpoint{_architecture_hint(model_name)}: no "
+                           f"'{ANCHOR}' under any prefix")
+    sd = _to_bert_prefix(raw, prefix)
+    qkv = [f"bert.encoder.layer.{d}.attention.self.{p}.{w}" for d in range(config.num_hidden_layers)
+           for p in ("query", "key", "value") for w in ("weight", "bias")]
+    absent = [k for k in qkv if k not in sd]
+    if absent:  # remap_state_dict pops them unconditionally: say what is missing instead of a KeyError
+        raise _error(model_name, cls, missing=[k.replace("bert.", prefix, 1) for k in absent], unexpected=[],
+                     cause=_cause_for_layers(raw_keys, config))
+    stand_ins = []
+    if getattr(config, "pad_vocab_size_multiple", 1) > 1:
+        # remap_state_dict pads the MLM decoder too; give it what a bare/safetensors checkpoint lacks
+        emb = sd["bert." + ANCHOR]
+        if DECODER_W not in sd:
+            sd[DECODER_W] = emb
+            stand_ins.append(DECODER_W)
+        if DECODER_B not in sd and HF_MLM_BIAS not in sd:
+            sd[DECODER_B] = emb.new_zeros(emb.shape[0])
+            stand_ins.append(DECODER_B)
+    sd = fb.remap_state_dict(sd, config)
+    for k in stand_ins:
+        sd.pop(k, None)
+    target = _target_prefix(model, fb)
+    sd = _from_bert_prefix(sd, target)
+    plan = _Plan(model, sd, target)
+    if not plan.ok:
+        raise _error(model_name, cls, missing=plan.missing_backbone, unexpected=plan.unexpected_backbone,
+                     mismatched=plan.mismatched, cause=_likely_cause(plan, raw_keys, raw, config))
+    result = model.load_state_dict(sd, strict=False)
+    log = logging.getLogger(LOGGER)
+    if plan.missing_allowed or plan.unexpected_allowed:
+        parts = []
+        if plan.missing_allowed:
+            parts.append(f"not in the checkpoint, left at their initialisation ({len(plan.missing_allowed)}): "
+                         f"{_show(plan.missing_allowed)}")
+        if plan.unexpected_allowed:
+            parts.append(f"checkpoint weights this class has no place for, not used ({len(plan.unexpected_allowed)}): "
+                         f"{_show(plan.unexpected_allowed)}")
+        log.warning("%s: backbone loaded completely; %s", _where(model_name, cls), "; ".join(parts))
+    log.info("%s: loaded (checkpoint prefix %r -> model prefix %r); %s", _where(model_name, cls), prefix, target, result)
+    return model
+
+
+def _cause_for_layers(raw_keys, config) -> str:
+    n_ckpt = _layer_count(raw_keys)
+    if n_ckpt and n_ckpt < config.num_hidden_layers:
+        return f"the checkpoint has {n_ckpt} encoder layers, config.num_hidden_layers is {config.num_hidden_layers}"
+    return "the checkpoint's attention weights are not named like a transformers BERT's (attention.self.query/key/value)"
+
+
+def _split(model_name, config, *inputs, **kwargs):
+    return model_name, config, inputs, kwargs
+
+
+def _from_pretrained(wrapped, instance, args, kwargs):
+    """wrapt wrapper: ``instance`` is the class the classmethod was called on."""
+    cls = instance if isinstance(instance, type) else type(instance)
+    model_name, config, inputs, kw = _split(*args, **kwargs)
+    return load_pretrained(cls, model_name, config, *inputs, **kw)
+
+
+# ----------------------------------------------------------------------------- probe / apply
+def _tiny_checkpoints(directory: str):
+    """A tiny transformers BERT saved twice (unprefixed and ``bert.``-prefixed); its config and state."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertModel as HFBert
+
+    cfg = BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=16, type_vocab_size=2,
+                     position_embedding_type="absolute")
+    torch.manual_seed(0)
+    state = {k: v.detach().contiguous() for k, v in HFBert(cfg).state_dict().items()}
+    paths = {}
+    for label, pre in (("unprefixed", ""), ("bert.-prefixed", "bert.")):
+        d = os.path.join(directory, label.replace(".", ""))
+        os.makedirs(d)
+        save_file({pre + k: v for k, v in state.items()}, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+        paths[label] = d
+    return cfg, state, paths
+
+
+def probe() -> ProbeResult:
+    import tempfile
+
+    import torch
+
+    fb = sys.modules[MODULE]
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory(prefix="hfpatches-probe-") as tmp:
+        cfg, state, paths = _tiny_checkpoints(tmp)
+        qkv = torch.cat([state[f"encoder.layer.0.attention.self.{p}.weight"] for p in ("query", "key", "value")])
+        for label, path in paths.items():
+            try:
+                model = fb.BertModel.from_pretrained(path, cfg)
+            except KeyError as e:
+                return ProbeResult(True, f"{label} checkpoint: KeyError {e}")
+            arrived = (torch.equal(model.embeddings.word_embeddings.weight, state[ANCHOR])
+                       and torch.equal(model.encoder.layers[0].mixer.Wqkv.weight, qkv))
+            if not arrived:
+                return ProbeResult(True, f"{label} checkpoint into BertModel: weights did not arrive (random init)")
+    return ProbeResult(False, "unprefixed and bert.-prefixed checkpoints both load into BertModel")
+
+
+def check() -> str | None:
+    fb = sys.modules[MODULE]
+    for name in ("remap_state_dict", "state_dict_from_pretrained", "BertModel"):
+        if not hasattr(fb, name):
+            return f"{MODULE}.{name} not found (the patch reuses it)"
+    return None
+
+
+def apply(ctx) -> None:
+    fb = ctx.module(MODULE)
+    ctx.wrap(fb.BertPreTrainedModel, "from_pretrained", _from_pretrained)
+
+
+PATCH = Patch(
+    id=PATCH_ID,
+    summary="flash-attn BERT from_pretrained: load prefixed and unprefixed checkpoints strictly, never random weights",
+    upstream=("Dao-AILab/flash-attention#864",),
+    requires=("flash-attn",),      # every release checked has the bug; the probe decides
+    fixed_in=None,
+    targets=(Target(MODULE, "BertPreTrainedModel.from_pretrained", params=("cls", "model_name", "config")),),
+    probe=probe,
+    apply=apply,
+    check=check,
+    affected="flash-attn <= 2.8.3.post2 (unfixed upstream)",
+    verified_stacks=("affected", "latest"),
+)

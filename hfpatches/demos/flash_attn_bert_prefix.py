@@ -137,33 +137,33 @@ def run(say) -> bool:
         pre = write_pretraining_checkpoint(src, os.path.join(tmp, "pretraining"))
         pre_hidden, pre_logits = hf_outputs(pre, b, pretraining=True)
 
+        def hidden_vs(ref):
+            return lambda m: (max_delta(flash_hidden(m, b), ref, mask), "")
+
+        def prefixed_twice(m):
+            h1 = flash_hidden(m, b)
+            h2 = flash_hidden(_load(fb.BertModel, pre, cfg)[0], b)
+            same = bool((h1 == h2).all())
+            return max_delta(h1, pre_hidden, mask), f"; two loads {'bit-identical' if same else 'DIFFER (random weights)'}"
+
+        cases = [
+            ("BertModel.from_pretrained(all-MiniLM-L6-v2)", fb.BertModel, src, hidden_vs(ref_hidden)),
+            ("BertModel.from_pretrained(bert.-prefixed)", fb.BertModel, pre, prefixed_twice),
+            ("BertForPreTraining.from_pretrained(bert.-prefixed), MLM logits", fb.BertForPreTraining, pre,
+             lambda m: (max_delta(flash_mlm_logits(m, b), pre_logits, mask), "")),
+        ]
+
         def show(tag) -> list[float]:
             deltas = []
-            m, err = _load(fb.BertModel, src, cfg)
-            if err:
-                say(f"{tag} BertModel.from_pretrained(all-MiniLM-L6-v2): {err}")
-                deltas.append(float("inf"))
-            else:
-                deltas.append(max_delta(flash_hidden(m, b), ref_hidden, mask))
-                say(f"{tag} BertModel.from_pretrained(all-MiniLM-L6-v2): max |delta| vs HF = {deltas[-1]:.2e}")
-            m1, err = _load(fb.BertModel, pre, cfg)
-            m2, _ = _load(fb.BertModel, pre, cfg)
-            if err:
-                say(f"{tag} BertModel.from_pretrained(bert.-prefixed): {err}")
-                deltas.append(float("inf"))
-            else:
-                h1, h2 = flash_hidden(m1, b), flash_hidden(m2, b)
-                deltas.append(max_delta(h1, pre_hidden, mask))
-                say(f"{tag} BertModel.from_pretrained(bert.-prefixed): max |delta| vs HF = {deltas[-1]:.2e}; "
-                    f"two loads {'bit-identical' if bool((h1 == h2).all()) else 'DIFFER (random weights)'}")
-            m, err = _load(fb.BertForPreTraining, pre, cfg)
-            if err:
-                say(f"{tag} BertForPreTraining.from_pretrained(bert.-prefixed): {err}")
-                deltas.append(float("inf"))
-            else:
-                deltas.append(max_delta(flash_mlm_logits(m, b), pre_logits, mask))
-                say(f"{tag} BertForPreTraining.from_pretrained(bert.-prefixed): MLM logits max |delta| = "
-                    f"{deltas[-1]:.2e}")
+            for label, cls, path, measure in cases:
+                m, err = _load(cls, path, cfg)
+                if err:
+                    say(f"{tag} {label}: {err}")
+                    deltas.append(float("inf"))
+                    continue
+                d, extra = measure(m)
+                deltas.append(d)
+                say(f"{tag} {label}: max |delta| vs HF = {d:.2e}{extra}")
             return deltas
 
         hfpatches.revert([PID])  # unpatched, whatever ran before

@@ -26,9 +26,8 @@ P = registry()[PID]
 def import_targets():
     """Import the patch's target modules; False when the target is not installed here."""
     if any(m.split(".")[0] == "flash_attn" for m in P.modules):
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
+        import importlib.util
+        if importlib.util.find_spec("flash_attn") is None:
             return False
         from _stubs import install_flash_attn_cpu_stubs
         install_flash_attn_cpu_stubs()

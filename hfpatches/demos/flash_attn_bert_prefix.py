@@ -18,7 +18,9 @@ def flash_config(model_dir: str, **overrides):
     (override e.g. ``use_flash_attn=True`` on a GPU)."""
     from transformers import BertConfig
 
-    cfg = BertConfig.from_pretrained(model_dir, **{**FLASH_OFF, **overrides})
+    cfg = BertConfig.from_pretrained(model_dir)
+    for k, v in {**FLASH_OFF, **overrides}.items():  # from_pretrained(**kw) drops keys it does not know
+        setattr(cfg, k, v)
     if getattr(cfg, "position_embedding_type", None) is None:  # transformers 5.x no longer sets it
         cfg.position_embedding_type = "absolute"
     return cfg

@@ -117,31 +117,32 @@ def _torch_load(path: str) -> dict:
 
 def read_state_dict(model_name: str) -> dict:
     """The checkpoint's state dict, through flash-attn's own reader (``.bin`` always with
-    ``weights_only=True``). Raises ``CheckpointError`` when a file exists but cannot be read."""
+    ``weights_only=True``). Finding nothing raises flash-attn's (or transformers') own error, as
+    before; a file that is there but cannot be read raises ``CheckpointError``."""
+    import pickle
+
     from ..errors import CheckpointError
 
-    fb = sys.modules[MODULE]
-    reader = fb.state_dict_from_pretrained
+    reader = sys.modules[MODULE].state_dict_from_pretrained
+    files = None if _upstream_bin_is_safe(reader) else _bin_files(model_name)
     try:
-        files = None if _upstream_bin_is_safe(reader) else _bin_files(model_name)
         if files is None:
             return reader(model_name)
         out: dict = {}
         for f in files:
             out.update(_torch_load(f))
         return out
-    except OSError as e:
-        if not _has_weights_file(model_name):
-            raise  # nothing to read: flash-attn's (or transformers') own "not found" error
-        raise CheckpointError(f"{_where(model_name)}: could not read the checkpoint "
-                              f"({type(e).__name__}: {e}). Likely cause: a truncated or corrupted file "
-                              "(an interrupted download or copy); fetch it again.") from e
     except Exception as e:
-        raise CheckpointError(f"{_where(model_name)}: could not read the checkpoint "
-                              f"({type(e).__name__}: {e}). Likely cause: a truncated or corrupted file "
-                              "(an interrupted download or copy), or a .bin that holds more than plain "
-                              "tensors (refused by torch.load(weights_only=True)); fetch it again or "
-                              "convert it to safetensors.") from e
+        if files is None and not _has_weights_file(model_name):
+            raise  # nothing local to read: the upstream resolution error, unchanged
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+            cause = ("the .bin holds objects other than tensors, which torch.load(weights_only=True) refuses to "
+                     "unpickle (it could run code); convert it to safetensors where you trust it")
+        else:
+            cause = "a truncated or corrupted file (an interrupted download or copy); fetch it again"
+        shown = f" {', '.join(map(str, files))}" if files else ""
+        raise CheckpointError(f"{_where(model_name)}: could not read the checkpoint{shown} "
+                              f"({type(e).__name__}: {str(e).strip()[:500]}).\n  likely cause: {cause}") from e
 
 
 def _has_weights_file(model_name: str) -> bool:

@@ -78,9 +78,9 @@ def attach_on_import(engine, module: str, patch_id: str) -> None:
         return
     engine.hooked.add(key)
 
-    def hook(_mod, _pid=patch_id, _key=key):
+    def hook(mod, _pid=patch_id, _key=key):
         engine.hooked.discard(_key)
-        engine.on_import(_pid)
+        engine.on_import(_pid, getattr(mod, "__name__", None))
 
     when_imported(module, hook)
 
@@ -101,9 +101,9 @@ def autostart() -> None:
         return
     os.environ["_HFPATCHES_AUTOSTARTED"] = str(os.getpid())
     try:
-        from . import apply
+        from ._registry import ENGINE
 
-        apply()
+        ENGINE.apply(None, (), None, startup=True)
     except Exception as e:
         strict = os.environ.get(_env.STRICT, "").strip().lower() in ("1", "true", "yes", "on")
         print(f"hfpatches: {_env.AUTO}=1 but apply() failed: {type(e).__name__}: {e}", file=sys.stderr)

@@ -319,17 +319,40 @@ def dist_version(dist: str) -> str | None:
         return None
 
 
-def _findable(module: str) -> bool:
-    """Is the top-level package of ``module`` installed? (No import, no metadata scan.)"""
-    import importlib.util
+def _ready(module: str, done: str | None = None) -> bool:
+    """``module`` and every package above it are imported *completely*. A post-import hook of
+    ``torch.nn.modules.module`` fires while ``torch/__init__`` is still running (``torch.nn`` is
+    not even bound yet); a patch attaches only once its whole package chain is initialised.
+    ``done``: the module whose post-import hook is firing; its code has run completely, although
+    the import system still flags it as initialising until the hook returns."""
+    parts = module.split(".")
+    for i in range(1, len(parts) + 1):
+        name = ".".join(parts[:i])
+        mod = sys.modules.get(name)
+        if mod is None:
+            return False
+        if name != done and getattr(getattr(mod, "__spec__", None), "_initializing", False):
+            return False
+    return True
 
+
+def _findable(module: str) -> bool:
+    """Is the top-level package of ``module`` installed? No import, no metadata scan, and not
+    even ``importlib.util`` (it pulls contextlib & co.: several ms of the start-up budget): ask
+    the ``sys.meta_path`` finders directly, as the import system does for a top-level name."""
     top = module.partition(".")[0]
     if top in sys.modules:
         return True
-    try:
-        return importlib.util.find_spec(top) is not None
-    except (ImportError, ValueError):
-        return False
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        if find is None or type(finder).__name__ in ("_Sentinel", "ImportHookFinder"):
+            continue
+        try:
+            if find(top, None) is not None:
+                return True
+        except (ImportError, ValueError):
+            continue
+    return False
 
 
 def _check_requires(patch: Patch) -> tuple[Outcome | None, str, str | None, bool | None]:
@@ -439,7 +462,8 @@ class Engine:
             _log(level, "%s: %s (%s)", patch_id, outcome.value, reason)
         return res
 
-    def process(self, patch: Patch, *, from_hook: bool = False) -> PatchResult:
+    def process(self, patch: Patch, *, from_hook: bool = False, startup: bool = False,
+                done: str | None = None) -> PatchResult:
         pid = patch.id
         recs = self.recorder.records(pid)
         if recs:
@@ -451,11 +475,13 @@ class Engine:
                              target_version=prev.target_version if prev else None,
                              in_range=prev.in_range if prev else None,
                              bug_present=prev.bug_present if prev else None)
-        missing = [m for m in patch.modules if m not in sys.modules]
+        missing = [m for m in patch.modules if not _ready(m, done)]
         if missing:
             # Not imported yet: only the cheap "is it there at all?" check now; the version range,
             # shape check and probe run when the target is imported (nothing heavy imported early).
-            absent = [m for m in missing if not _findable(m)]
+            # At interpreter start-up (HFPATCHES_AUTO, from a .pth file) sys.path is not final yet:
+            # paths added by later .pth files are missing, so "not findable" proves nothing there.
+            absent = [] if startup else [m for m in missing if not _findable(m)]
             if absent:
                 return self._set(pid, Outcome.NOT_INSTALLED,
                                  f"module {absent[0].partition('.')[0]} is not installed "
@@ -463,7 +489,10 @@ class Engine:
             from . import _hooks
 
             for m in missing:
-                _hooks.attach_on_import(self, m, pid)
+                # the module itself, and its top-level package: the latter's hook fires after the
+                # whole package finished initialising (see _ready)
+                for hook_on in dict.fromkeys((m, m.partition(".")[0])):
+                    _hooks.attach_on_import(self, hook_on, pid)
             return self._set(pid, Outcome.DEFERRED, f"will attach when {', '.join(missing)} is imported")
         outcome, reason, version, in_range = _check_requires(patch)
         if outcome is not None:
@@ -512,7 +541,7 @@ class Engine:
         return self._set(pid, Outcome.APPLIED, reason, bug_present=bug, **kw)
 
     # -- public operations -------------------------------------------------------------------
-    def apply(self, only=None, exclude=(), strict=None) -> Report:
+    def apply(self, only=None, exclude=(), strict=None, startup: bool = False) -> Report:
         strict = _env.get_bool(_env.STRICT, False) if strict is None else bool(strict)
         probe = _env.get_bool(_env.PROBE, True)
         _env.get_path(_env.REPORT)
@@ -530,23 +559,23 @@ class Engine:
                 self.wanted.add(pid)
                 self.strict_for[pid] = strict
                 self.probe_for[pid] = probe
-                out[pid] = self.process(reg[pid])
+                out[pid] = self.process(reg[pid], startup=startup)
             report = Report({pid: out[pid] for pid in reg if pid in out})
             self.write_manifest()
         if strict:
             report.raise_for_failures()
         return report
 
-    def on_import(self, patch_id: str) -> None:
-        """Called by the post-import hook of a target module."""
+    def on_import(self, patch_id: str, done: str | None = None) -> None:
+        """Called by the post-import hook of a target module (``done``: its name)."""
         with self.lock:
             if patch_id not in self.wanted or self.recorder.records(patch_id):
                 return
             patch = registry()[patch_id]
-            if any(m not in sys.modules for m in patch.modules):
-                return
+            if not all(_ready(m, done) for m in patch.modules):
+                return  # a later hook (the module's, or its top-level package's) comes back
             try:
-                res = self.process(patch, from_hook=True)
+                res = self.process(patch, from_hook=True, done=done)
             except Exception as e:  # never break the user's import because of us
                 res = self._set(patch_id, Outcome.FAILED, f"attach raised {type(e).__name__}: {e}")
             self.write_manifest()

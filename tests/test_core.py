@@ -345,9 +345,10 @@ def test_env_only_and_disable(fake, monkeypatch):
     monkeypatch.setenv("HFPATCHES_DISABLE", p.id)
     r = hfpatches.apply()[p.id]
     assert r.outcome == Outcome.DISABLED and "HFPATCHES_DISABLE" in r.reason
+    hfpatches.revert()  # apply() above switched the other patches on; disabling later never reverts
     monkeypatch.setenv("HFPATCHES_DISABLE", "*")
     rep = hfpatches.apply()
-    assert all(x.outcome == Outcome.DISABLED for x in rep.values())
+    assert all(x.outcome == Outcome.DISABLED for x in rep.values()), rep
     monkeypatch.delenv("HFPATCHES_DISABLE")
     q = fake.patch(targets=(Target(fake.mod, "Base.greet"),), probe=lambda: False)
     monkeypatch.setenv("HFPATCHES_ONLY", q.id)
@@ -499,3 +500,30 @@ def test_cli_doctor_strict_fails_on_bad_outcome(py):
     proc = py(code, check=False, env={"HFPATCHES_ONLY": None})
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "fake_changed" in proc.stdout and "TARGET_CHANGED" in proc.stdout and "strict: FAIL" in proc.stdout
+
+
+def test_hook_waits_until_the_whole_package_is_initialised(tmp_path):
+    """A target submodule imported by its package's __init__ fires its post-import hook while the
+    package is half-initialised (torch.nn.modules.module inside `import torch`): attach after."""
+    name = "halfinit_" + uuid.uuid4().hex[:6]
+    make_fake(tmp_path, name, "1.0.0", source="from . import sub\nREADY = sub.add\n")
+    (tmp_path / name / "sub.py").write_text("def add(a, b):\n    return a + b + (1 if (a, b) == (2, 2) else 0)\n")
+
+    def apply(ctx):
+        sub = sys.modules[f"{name}.sub"]
+        ctx.replace(sub, "add", lambda a, b: a + b)
+
+    p = Patch(id="fake_" + name, summary="", upstream=(), requires=(f"{name}>=1",), fixed_in=None,
+              targets=(Target(f"{name}.sub", "add"),),
+              probe=lambda: sys.modules[name].READY is not None and sys.modules[f"{name}.sub"].add(2, 2) != 4,
+              apply=apply)
+    _register_for_tests(p)
+    try:
+        assert hfpatches.apply(only=[p.id])[p.id].outcome == Outcome.DEFERRED
+        importlib.import_module(name)
+        st = hfpatches.status()[p.id]
+        assert st.outcome == Outcome.APPLIED, st
+    finally:
+        hfpatches.revert([p.id])
+        registry().pop(p.id)
+        forget(name)

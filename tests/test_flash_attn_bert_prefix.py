@@ -339,3 +339,52 @@ def test_bin_with_pickled_objects_is_refused(fb, demo, data, tmp_path, monkeypat
     (d / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with hfpatches.patched(PID), pytest.raises(CheckpointError, match="weights_only"):
         fb.BertModel.from_pretrained(str(d), cfg(demo, data))
+
+
+# ----------------------------------------------------------------------------- how the weights land
+def test_complete_checkpoint_takes_the_tensors_and_keeps_ties(fb, demo, data):
+    import torch
+
+    with hfpatches.patched(PID):
+        for path in (data["pre"], data["legacy"]):   # safetensors lack the tied decoder weight; .bin has it
+            model = fb.BertForPreTraining.from_pretrained(path, cfg(demo, data))
+            assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+            params = dict(model.named_parameters())
+            assert not any(p.is_meta for p in params.values())
+            assert all(p.requires_grad and p.dtype == torch.float32 for p in params.values())
+            assert len(params) == len(set(map(id, model.parameters())))
+
+
+def test_training_the_loaded_model_never_writes_the_checkpoint(fb, demo, data, tmp_path):
+    import hashlib
+    import shutil
+
+    import torch
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(data["src"], d, ignore=shutil.ignore_patterns("1_Pooling"))
+    digest = hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
+    with hfpatches.patched(PID):
+        model = fb.BertModel.from_pretrained(str(d), cfg(demo, data))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(data["b"]["input_ids"]).last_hidden_state.square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.add_(1.0)
+    assert hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest() == digest
+
+
+def test_half_precision_checkpoint_lands_in_the_model_dtype(fb, demo, data, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "fp16"
+    d.mkdir()
+    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in
+          load_file(os.path.join(data["src"], "model.safetensors")).items()}
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with hfpatches.patched(PID):
+        model = fb.BertModel.from_pretrained(str(d), cfg(demo, data)).eval()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert torch.equal(model.embeddings.word_embeddings.weight, sd["embeddings.word_embeddings.weight"].float())
+    assert delta_hidden(demo, data, model) < 1e-2   # fp16 rounding of the weights only

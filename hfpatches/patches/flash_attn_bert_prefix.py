@@ -52,6 +52,15 @@ Design
       With ``pad_vocab_size_multiple > 1`` ``remap_state_dict`` also needs the MLM decoder's weight
       and bias; a checkpoint without them (a bare ``BertModel``, or transformers' safetensors, which
       drop the tied decoder weight) gets stand-ins for the call that are dropped again afterwards.
+    * Construction: the class is first built on the meta device (no memory, no random init - the
+      random init is ~90% of upstream's load time). When the checkpoint supplies every parameter and
+      the class has no buffers to compute (flash-attn's BERT has none without rotary embeddings),
+      the checkpoint's tensors become the parameters (``load_state_dict(assign=True)``, cast to the
+      parameter dtype and the default device; tied parameters are re-tied afterwards): one copy of
+      the weights in memory, not two. Like transformers' own loader, parameters may then stay backed
+      by the private (copy-on-write) mapping of the checkpoint file; writing them never touches the
+      file. When anything keeps its initialisation (a head or pooler the checkpoint lacks) or the
+      meta build fails, the class is built normally and the weights are copied in, as upstream does.
     * Strict load, alias-aware (a tied decoder weight counts as loaded with the word embeddings):
       a missing backbone weight, a floating-point checkpoint weight the backbone has no place for
       (e.g. more layers than ``num_hidden_layers``) or any shape mismatch raises
@@ -79,14 +88,20 @@ DECODER_W, DECODER_B, HF_MLM_BIAS = "cls.predictions.decoder.weight", "cls.predi
 
 
 # ----------------------------------------------------------------------------- reading
-def _upstream_bin_is_safe(fn) -> bool:
-    """Does the installed ``state_dict_from_pretrained`` pass ``weights_only=True`` to torch.load?"""
-    import inspect
+_bin_safety: dict = {}  # state_dict_from_pretrained function -> passes weights_only=True?
 
-    try:
-        return "weights_only=True" in inspect.getsource(fn)
-    except (OSError, TypeError):
-        return False
+
+def _upstream_bin_is_safe(fn) -> bool:
+    """Does the installed ``state_dict_from_pretrained`` pass ``weights_only=True`` to torch.load?
+    (2.8.3: no; 2.8.3.post2: yes.) Read from its source once per function object."""
+    if fn not in _bin_safety:
+        import inspect
+
+        try:
+            _bin_safety[fn] = "weights_only=True" in inspect.getsource(fn)
+        except (OSError, TypeError):
+            _bin_safety[fn] = False
+    return _bin_safety[fn]
 
 
 def _bin_files(model_name: str) -> list[str] | None:
@@ -233,12 +248,11 @@ class _Plan:
         return not (self.missing_backbone or self.unexpected_backbone or self.mismatched)
 
 
-def _likely_cause(plan: _Plan, raw_keys, sd_raw: dict, config) -> str:
+def _likely_cause(plan: _Plan, raw_keys, emb_shape, config) -> str:
     causes = []
-    emb = next((sd_raw[k] for k in raw_keys if k.endswith(ANCHOR)), None)
     hidden = getattr(config, "hidden_size", None)
-    if emb is not None and emb.ndim == 2 and hidden is not None and emb.shape[1] != hidden:
-        causes.append(f"the config does not match the checkpoint: its hidden size is {emb.shape[1]}, "
+    if emb_shape is not None and len(emb_shape) == 2 and hidden is not None and emb_shape[1] != hidden:
+        causes.append(f"the config does not match the checkpoint: its hidden size is {emb_shape[1]}, "
                       f"config.hidden_size is {hidden}")
     n_ckpt, n_cfg = _layer_count(raw_keys), getattr(config, "num_hidden_layers", None)
     if n_ckpt and n_cfg is not None and n_ckpt != n_cfg:
@@ -281,37 +295,74 @@ def _architecture_hint(model_name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- the fixed load
+def _build(cls, config, inputs, kwargs):
+    """``(model, on_meta)``: the class built on the meta device (no memory, no random init) when
+    that works and leaves no buffer to compute; else built normally, as flash-attn does."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = cls(config, *inputs, **kwargs)
+        if not any(True for _ in model.buffers()):
+            return model, True
+    except Exception:  # noqa: BLE001 - the normal construction below raises the real error, if any
+        pass
+    return cls(config, *inputs, **kwargs), False
+
+
+def _assign(model, sd: dict) -> None:
+    """Load ``sd`` into a meta-built ``model`` by taking its tensors as the parameters (no copy
+    unless dtype/device differ), then restore tied parameters (``assign`` replaces each name's
+    Parameter separately)."""
+    import torch
+
+    device = torch.empty(0).device  # the default device the normal construction would have used
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    expected = model.state_dict(keep_vars=True)
+    sd = {k: (v.to(device=device, dtype=expected[k].dtype) if k in expected else v) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=False, assign=True)
+    for names in groups.values():
+        src = next((n for n in names if n in sd), None)
+        if src is None or len(names) == 1:
+            continue
+        param = model.get_parameter(src)
+        for n in names:
+            if n != src:
+                owner, _, leaf = n.rpartition(".")
+                setattr(model.get_submodule(owner), leaf, param)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:  # cannot happen after a complete plan; never hand out meta tensors
+        raise RuntimeError(f"hfpatches {PATCH_ID}: left on the meta device: {_show(left)}")
+
+
 def load_pretrained(cls, model_name, config, *inputs, **kwargs):
     """What ``BertPreTrainedModel.from_pretrained`` does once patched (see the module docstring)."""
     import logging
 
     fb = sys.modules[MODULE]
-    model = cls(config, *inputs, **kwargs)
+    model, on_meta = _build(cls, config, inputs, kwargs)
     raw = read_state_dict(model_name)
     raw_keys = list(raw)
+    emb = next((raw[k] for k in raw_keys if k.endswith(ANCHOR)), None)
+    emb_shape = tuple(emb.shape) if emb is not None else None
     prefix = _checkpoint_prefix(raw_keys)
     if prefix is None:
         raise _error(model_name, cls, missing=[ANCHOR], unexpected=raw_keys,
                      cause=f"this is not a BERT checkpoint{_architecture_hint(model_name)}: no "
                            f"'{ANCHOR}' under any prefix")
-    sd = _to_bert_prefix(raw, prefix)
+    box = [_to_bert_prefix(raw, prefix)]
+    del raw, emb  # from here on the only reference to the tensors is the dict in ``box``
     qkv = [f"bert.encoder.layer.{d}.attention.self.{p}.{w}" for d in range(config.num_hidden_layers)
            for p in ("query", "key", "value") for w in ("weight", "bias")]
-    absent = [k for k in qkv if k not in sd]
+    absent = [k for k in qkv if k not in box[0]]
     if absent:  # remap_state_dict pops them unconditionally: say what is missing instead of a KeyError
         raise _error(model_name, cls, missing=[k.replace("bert.", prefix, 1) for k in absent], unexpected=[],
                      cause=_cause_for_layers(raw_keys, config))
-    stand_ins = []
-    if getattr(config, "pad_vocab_size_multiple", 1) > 1:
-        # remap_state_dict pads the MLM decoder too; give it what a bare/safetensors checkpoint lacks
-        emb = sd["bert." + ANCHOR]
-        if DECODER_W not in sd:
-            sd[DECODER_W] = emb
-            stand_ins.append(DECODER_W)
-        if DECODER_B not in sd and HF_MLM_BIAS not in sd:
-            sd[DECODER_B] = emb.new_zeros(emb.shape[0])
-            stand_ins.append(DECODER_B)
-    sd = fb.remap_state_dict(sd, config)
+    stand_ins = _add_stand_ins(box[0], config)
+    # flash-attn's own remap; handing over the only reference lets it free q/k/v once fused
+    sd = fb.remap_state_dict(box.pop(), config)
     for k in stand_ins:
         sd.pop(k, None)
     target = _target_prefix(model, fb)
@@ -319,8 +370,16 @@ def load_pretrained(cls, model_name, config, *inputs, **kwargs):
     plan = _Plan(model, sd, target)
     if not plan.ok:
         raise _error(model_name, cls, missing=plan.missing_backbone, unexpected=plan.unexpected_backbone,
-                     mismatched=plan.mismatched, cause=_likely_cause(plan, raw_keys, raw, config))
-    result = model.load_state_dict(sd, strict=False)
+                     mismatched=plan.mismatched, cause=_likely_cause(plan, raw_keys, emb_shape, config))
+    if on_meta and plan.missing_allowed:
+        # something keeps the class's own initialisation: build it for real, as flash-attn does
+        model, on_meta = cls(config, *inputs, **kwargs), False
+    if on_meta:
+        _assign(model, sd)
+        result = "all parameters from the checkpoint"
+    else:
+        result = model.load_state_dict(sd, strict=False)
+    del sd
     log = logging.getLogger(LOGGER)
     if plan.missing_allowed or plan.unexpected_allowed:
         parts = []
@@ -333,6 +392,22 @@ def load_pretrained(cls, model_name, config, *inputs, **kwargs):
         log.warning("%s: backbone loaded completely; %s", _where(model_name, cls), "; ".join(parts))
     log.info("%s: loaded (checkpoint prefix %r -> model prefix %r); %s", _where(model_name, cls), prefix, target, result)
     return model
+
+
+def _add_stand_ins(sd: dict, config) -> list[str]:
+    """With ``pad_vocab_size_multiple > 1`` flash-attn's remap pads the MLM decoder's weight and bias
+    too; a checkpoint without them (a bare BertModel, or transformers' safetensors, which drop the
+    tied decoder weight) gets stand-ins for that call. Returns their names (dropped afterwards)."""
+    added = []
+    if getattr(config, "pad_vocab_size_multiple", 1) > 1:
+        emb = sd["bert." + ANCHOR]
+        if DECODER_W not in sd:
+            sd[DECODER_W] = emb
+            added.append(DECODER_W)
+        if DECODER_B not in sd and HF_MLM_BIAS not in sd:
+            sd[DECODER_B] = emb.new_zeros(emb.shape[0])
+            added.append(DECODER_B)
+    return added
 
 
 def _cause_for_layers(raw_keys, config) -> str:

@@ -66,8 +66,11 @@ from hfpatches._registry import Patch, ProbeResult, Target
 
 __all__ = ["PATCH", "materialize"]
 
-_MODULE = "torch.nn.modules.module"
-_ATTR = "Module.to_empty"
+# The target lives in torch.nn.modules.module, but the patch attaches when ``torch`` itself has
+# finished importing: a hook on the submodule fires half-way through ``import torch``, before the
+# probe could build a module.
+_MODULE = "torch"
+_ATTR = "nn.Module.to_empty"
 _LOGGER = "hfpatches.meta_buffers"
 _ROPE_NAMES = ("inv_freq", "original_inv_freq")
 
@@ -176,7 +179,7 @@ def materialize(model, device, *, recurse: bool = True):
 def _original_to_empty():
     import hfpatches
 
-    return hfpatches.get_original(f"{_MODULE}.{_ATTR}")
+    return hfpatches.get_original("meta_buffers")
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -358,11 +361,16 @@ def _via_rebuild(owner, rel: str, names, cache: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- probe / apply
+_probe_calls = 0
+
+
 def _probe() -> ProbeResult:
     import torch
 
+    global _probe_calls
+    _probe_calls += 1  # a new pattern each call: a freed block of an earlier probe cannot pass for kept
     m = torch.nn.Module()
-    want = torch.arange(64, dtype=torch.float64) * 3.25 + 7.0
+    want = torch.arange(64, dtype=torch.float64) + (_probe_calls * 1000.25 + 7.0)
     m.register_buffer("probe", want.clone(), persistent=False)
     m.to_empty(device="cpu")
     kept = torch.equal(m.probe, want)
@@ -373,7 +381,7 @@ def _probe() -> ProbeResult:
 def _apply(ctx) -> None:
     import functools
 
-    module_cls = ctx.module(_MODULE).Module
+    module_cls = ctx.module("torch.nn.modules.module").Module
     original = module_cls.__dict__["to_empty"]
 
     def to_empty(self, *, device, recurse=True):

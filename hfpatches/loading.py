@@ -54,6 +54,7 @@ KINDS = ("matched", "dtype-differs", "prefix-mismatch", "peft-wrapped", "shape-m
          "unexpected")
 BAD_KINDS = ("missing-backbone", "shape-mismatch")
 SHOW = 5  # keys listed per group in the table
+HF_DOES_IT = "from_pretrained does this itself"  # in a prefix fix: transformers maps base_model_prefix
 
 SAFE_NAME, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_NAME, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -528,7 +529,7 @@ class LoadReport:
     def untranslated(self) -> list[LoadEntry]:
         """Keys that ``from_pretrained`` will not map by itself (PEFT names, foreign prefixes)."""
         return [e for e in self.entries if e.kind in ("peft-wrapped", "prefix-mismatch")
-                and e.model_key and "from_pretrained does this itself" not in (e.fix or "")]
+                and e.model_key and HF_DOES_IT not in (e.fix or "")]
 
     # -- output ----------------------------------------------------------------------------
     def verdict(self) -> str:
@@ -753,7 +754,8 @@ def _suffix_index(keys) -> dict[str, list[tuple[str, str]]]:
 def _align(model_all: set[str], ck: dict[str, TensorInfo]):
     """Pair checkpoint keys with model keys: directly, through PEFT names, then through the
     prefix rule (add or strip) that pairs the most keys, repeated while one pairs anything.
-    Returns ({model_key: (ckpt_key, how, rule)}, adapters, rules)."""
+    Returns ({model_key: (ckpt_key, how, rule)}, PEFT adapter keys, [(op, prefix, n paired)],
+    the checkpoint keys paired)."""
     pairs: dict[str, tuple[str, str, tuple | None]] = {}
     taken: set[str] = set()
     for c in ck:
@@ -820,7 +822,7 @@ def _prefix_fix(view: _ModelView, op: str, p: str) -> str:
     code = (f"{{'{p}' + k: v for k, v in sd.items()}}" if op == "add"
             else f"{{k.removeprefix('{p}'): v for k, v in sd.items()}}")
     if p.rstrip(".") == view.hf_prefix and view.hf_prefix:
-        return f"transformers' from_pretrained does this itself (base_model_prefix '{view.hf_prefix}'); for load_state_dict: {code}"
+        return f"transformers' {HF_DOES_IT} (base_model_prefix '{view.hf_prefix}'); for load_state_dict: {code}"
     return f"neither from_pretrained nor load_state_dict does this: rename first, {code}"
 
 

@@ -96,6 +96,7 @@ def _run(say) -> bool:
     from hfpatches._models import SENTENCES, minilm_dir
     from hfpatches.errors import LoadError
 
+    hfpatches.revert([PID])  # the "before" half must run unpatched even if the environment switched it on
     src = minilm_dir()
     tok = AutoTokenizer.from_pretrained(src)
     batch = tok(SENTENCES, padding=True, return_tensors="pt")

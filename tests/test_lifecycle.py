@@ -17,7 +17,7 @@ from hfpatches._registry import registry
 PATCH_IDS = sorted(registry())
 
 PRELUDE = r'''
-import importlib, json, os, sys
+import importlib, importlib.util, json, os, sys
 import hfpatches
 from hfpatches._registry import registry, ENGINE
 PID = %(pid)r
@@ -26,7 +26,6 @@ P = registry()[PID]
 def import_targets():
     """Import the patch's target modules; False when the target is not installed here."""
     if any(m.split(".")[0] == "flash_attn" for m in P.modules):
-        import importlib.util
         if importlib.util.find_spec("flash_attn") is None:
             return False
         from _stubs import install_flash_attn_cpu_stubs

@@ -48,7 +48,7 @@ def data(fb, demo, minilm_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("flashbert")
     b = demo.batch(minilm_dir)
     pre = demo.write_pretraining_checkpoint(minilm_dir, str(root / "pretraining"))
-    legacy = demo.write_pretraining_checkpoint(minilm_dir, str(root / "legacy"), legacy_bin=True)
+    legacy = demo.write_pretraining_checkpoint(minilm_dir, str(root / "legacy"), fmt="legacy_bin")
     ref_hidden, _ = demo.hf_outputs(minilm_dir, b)
     pre_hidden, pre_logits = demo.hf_outputs(pre, b, pretraining=True)
     return dict(src=minilm_dir, b=b, mask=b["attention_mask"], pre=pre, legacy=legacy, root=root,
@@ -158,7 +158,7 @@ def test_two_loads_are_bit_identical(fb, demo, data):
 
 
 def test_sharded_safetensors_with_index(fb, demo, data):
-    path = demo.write_pretraining_checkpoint(data["src"], str(data["root"] / "sharded"), max_shard_size="30MB")
+    path = demo.write_pretraining_checkpoint(data["src"], str(data["root"] / "sharded"), shards=3)
     assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
     assert delta_hidden(demo, data, fb.BertModel.from_pretrained(path, cfg(demo, data)).eval(), "pre_hidden") > 0.1
     with hfpatches.patched(PID):
@@ -305,10 +305,19 @@ class _NotATensor:
     pass
 
 
-def test_bin_is_read_with_weights_only(fb, demo, data, monkeypatch, stack):
+@pytest.mark.parametrize("form", ["legacy", "sharded"])
+def test_bin_is_read_with_weights_only(fb, demo, data, monkeypatch, stack, form):
     import torch
 
     from hfpatches.patches import flash_attn_bert_prefix as mod
+
+    if form == "legacy":
+        path = data["legacy"]
+    else:
+        path = demo.write_pretraining_checkpoint(data["src"], str(data["root"] / "bin_sharded"), fmt="bin", shards=3)
+    index = os.path.join(path, "pytorch_model.bin.index.json")
+    files = 1 if form == "legacy" else len(set(json.load(open(index))["weight_map"].values()))
+    assert files >= (1 if form == "legacy" else 2)
 
     upstream_safe = mod._upstream_bin_is_safe(fb.state_dict_from_pretrained)
     assert upstream_safe == (stack == "latest")   # 2.8.3 lacks weights_only=True; 2.8.3.post2 has it
@@ -322,8 +331,8 @@ def test_bin_is_read_with_weights_only(fb, demo, data, monkeypatch, stack):
 
     monkeypatch.setattr(torch, "load", spy)
     with hfpatches.patched(PID):
-        model = fb.BertModel.from_pretrained(data["legacy"], cfg(demo, data)).eval()
-    assert calls and all(kw.get("weights_only") is True for kw in calls), calls
+        model = fb.BertModel.from_pretrained(path, cfg(demo, data)).eval()
+    assert len(calls) == files and all(kw.get("weights_only") is True for kw in calls), calls
     assert delta_hidden(demo, data, model, "pre_hidden") <= demo.TOL
 
 

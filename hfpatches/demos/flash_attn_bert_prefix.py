@@ -75,11 +75,14 @@ def max_delta(a, b, mask) -> float:
     return (a.float() - b.float())[m].abs().max().item()
 
 
-def write_pretraining_checkpoint(src_dir: str, out_dir: str, *, legacy_bin: bool = False, seed: int = 0,
-                                 max_shard_size=None) -> str:
+def write_pretraining_checkpoint(src_dir: str, out_dir: str, *, fmt: str = "safetensors", shards: int = 1,
+                                 seed: int = 0) -> str:
     """A ``bert.``-prefixed checkpoint: transformers' ``BertForPreTraining`` with ``src_dir``'s
-    backbone and seeded heads, saved by ``save_pretrained`` (safetensors), or in the legacy form
-    (``pytorch_model.bin`` with ``LayerNorm.gamma``/``beta`` keys) when ``legacy_bin``."""
+    backbone and seeded heads. ``fmt``: ``"safetensors"`` (``save_pretrained``, sharded by size
+    when ``shards > 1``), ``"bin"`` (``pytorch_model.bin``; ``shards > 1``: shards + index), or
+    ``"legacy_bin"`` (a ``.bin`` with ``LayerNorm.gamma``/``beta`` keys)."""
+    import json
+
     import torch
     import transformers
 
@@ -90,22 +93,32 @@ def write_pretraining_checkpoint(src_dir: str, out_dir: str, *, legacy_bin: bool
         model = transformers.BertForPreTraining.from_pretrained(src_dir)
     finally:
         transformers.logging.set_verbosity(level)
-    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    if not legacy_bin:
+    if fmt == "safetensors":
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        kw = {"max_shard_size": f"{total // shards // 2**20 + 1}MB"} if shards > 1 else {}
         model.save_pretrained(out_dir, safe_serialization=True, **kw)
         return out_dir
     os.makedirs(out_dir, exist_ok=True)
     model.config.save_pretrained(out_dir)
     sd = {}
     for k, v in model.state_dict().items():
-        if k.endswith("LayerNorm.weight"):
-            k = k[: -len("weight")] + "gamma"
-        elif k.endswith("LayerNorm.bias"):
-            k = k[: -len("bias")] + "beta"
+        if fmt == "legacy_bin" and k.endswith(("LayerNorm.weight", "LayerNorm.bias")):
+            k = k[: -len("weight")] + "gamma" if k.endswith("weight") else k[: -len("bias")] + "beta"
         sd[k] = v.detach().clone()
-    tmp = os.path.join(out_dir, "pytorch_model.bin.tmp")
-    torch.save(sd, tmp)
-    os.replace(tmp, os.path.join(out_dir, "pytorch_model.bin"))
+    keys = list(sd)
+    names = ["pytorch_model.bin"] if shards == 1 else \
+        [f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin" for i in range(shards)]
+    weight_map = {}
+    for i, name in enumerate(names):
+        part = {k: sd[k] for k in keys[i::shards]}
+        weight_map.update(dict.fromkeys(part, name))
+        torch.save(part, os.path.join(out_dir, name + ".tmp"))
+        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    if shards > 1:
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+                 "weight_map": weight_map}
+        with open(os.path.join(out_dir, "pytorch_model.bin.index.json"), "w") as f:
+            json.dump(index, f)
     return out_dir
 
 

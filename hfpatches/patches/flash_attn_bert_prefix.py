@@ -390,7 +390,8 @@ def load_pretrained(cls, model_name, config, *inputs, **kwargs):
             parts.append(f"checkpoint weights this class has no place for, not used ({len(plan.unexpected_allowed)}): "
                          f"{_show(plan.unexpected_allowed)}")
         log.warning("%s: backbone loaded completely; %s", _where(model_name, cls), "; ".join(parts))
-    log.info("%s: loaded (checkpoint prefix %r -> model prefix %r); %s", _where(model_name, cls), prefix, target, result)
+    log.info("%s: loaded (checkpoint prefix %r -> model prefix %r; %s; non-weight buffers ignored: %s)",
+             _where(model_name, cls), prefix, target, result, _show(plan.ignored) or "none")
     return model
 
 

@@ -15,14 +15,12 @@ os.environ.setdefault("HFPATCHES_CACHE", os.path.join(root, ".cache"))
 
 from _stubs import flash_attn_cuda_available, install_flash_attn_cpu_stubs  # noqa: E402
 
-if not flash_attn_cuda_available():
-    try:
-        import flash_attn  # noqa: F401
-        install_flash_attn_cpu_stubs()
-        print("note: no CUDA here - flash-attn's CUDA-only modules are replaced by the test stand-ins "
-              "in tests/_stubs.py for this demo (not part of the package)")
-    except ImportError:
-        pass
+import importlib.util  # noqa: E402
+
+if not flash_attn_cuda_available() and importlib.util.find_spec("flash_attn") is not None:
+    install_flash_attn_cpu_stubs()
+    print("note: no CUDA here - flash-attn's CUDA-only modules are replaced by the test stand-ins "
+          "in tests/_stubs.py for this demo (not part of the package)")
 
 from hfpatches._demo import main  # noqa: E402
 

@@ -20,8 +20,8 @@ demo: setup
 ## the whole CPU suite on both stacks (+ the README matrix check)
 test: setup
 	$(A) scripts/matrix.py --check
-	$(A) -m pytest -q tests -p no:cacheprovider
-	$(L) -m pytest -q tests -p no:cacheprovider
+	$(A) -m pytest -q -n 2 tests -p no:cacheprovider
+	$(L) -m pytest -q -n 2 tests -p no:cacheprovider
 
 test-affected:
 	$(A) -m pytest -q tests

@@ -3,7 +3,6 @@ from_pretrained. Every bug case also runs unpatched and asserts the bug is there
 the bug is unfixed upstream on 4.51.3 and 5.23.0)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -19,27 +18,11 @@ pytest.importorskip("accelerate")
 
 import hfpatches  # noqa: E402
 from hfpatches.demos import meta_buffers as demo  # noqa: E402
+from hfpatches.demos.meta_buffers import nan_for_uninitialised  # noqa: E402
 from hfpatches.patches import meta_buffers as mb  # noqa: E402
 
 PID = "meta_buffers"
 nn = torch.nn
-
-
-@contextlib.contextmanager
-def nan_for_uninitialised():
-    """torch's own switch (deterministic mode + ``fill_uninitialized_memory``): ``empty_like`` fills
-    NaN / the largest integer, so memory nobody initialised is recognisable and can never pass for
-    the right values by chance (a freed block of an earlier model could hold exactly them)."""
-    det = torch.utils.deterministic
-    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-            det.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    det.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
-        det.fill_uninitialized_memory = prev[2]
 
 
 def round_trip(*args, **kw):
@@ -159,20 +142,20 @@ class Opaque(nn.Module):
         self.register_buffer("mask", torch.ones(3, dtype=torch.bool), persistent=False)
 
 
-def test_unrecoverable_meta_buffer_is_named_in_one_warning(caplog):
+def test_unrecoverable_meta_buffer_is_named_in_one_warning():
     _apply()
     root = nn.Sequential(Opaque(), nn.Linear(2, 2)).to("meta")
-    with caplog.at_level(logging.WARNING, logger="hfpatches"):
+    with pytest.warns(mb.UninitialisedBufferWarning) as got:
         root.to_empty(device="cpu")
-    warns = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "hfpatches.meta_buffers"]
-    assert len(warns) == 1, [r.getMessage() for r in caplog.records]
-    msg = warns[0].getMessage()
+    assert len(got) == 1, [str(w.message) for w in got]
+    msg = str(got[0].message)
     assert "0.cache" in msg and "0.mask" in msg and "2 non-persistent" in msg and "Sequential" in msg
-    caplog.clear()
+    assert got[0].filename == __file__  # points at the caller of to_empty
     leaf = Opaque().to("meta")
-    with caplog.at_level(logging.WARNING, logger="hfpatches"):
+    with pytest.warns(mb.UninitialisedBufferWarning, match=r"Opaque\.cache"):
         leaf.to_empty(device="cpu", recurse=False)
-    assert "Opaque.cache" in caplog.text
+    with pytest.warns(mb.UninitialisedBufferWarning, match=r"Opaque\.cache"):
+        hfpatches.materialize(Opaque().to("meta"), "cpu")
 
 
 # ----------------------------------------------------------------------------- tiny transformers models

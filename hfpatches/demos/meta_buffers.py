@@ -92,6 +92,30 @@ def meta_round_trip(build, state_dict, *, device="cpu", include_buffers=False, p
     return model.eval(), res
 
 
+class nan_for_uninitialised:
+    """Context manager, torch's own switch (deterministic mode + ``fill_uninitialized_memory``):
+    ``empty_like`` fills NaN / the largest integer, so memory nobody initialised is recognisable
+    and can never pass for the right values by chance (a freed block of an earlier model could
+    hold exactly them). Used by the tests; the demo shows real uninitialised memory."""
+
+    def __enter__(self):
+        import torch
+
+        det = torch.utils.deterministic
+        self._prev = (torch.are_deterministic_algorithms_enabled(),
+                      torch.is_deterministic_algorithms_warn_only_enabled(), det.fill_uninitialized_memory)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        det.fill_uninitialized_memory = True
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.use_deterministic_algorithms(self._prev[0], warn_only=self._prev[1])
+        torch.utils.deterministic.fill_uninitialized_memory = self._prev[2]
+        return None
+
+
 def smollm2_case(model_dir: str, *, device="cpu", dtype=None):
     """(reference from ``from_pretrained``, state dict, build function) for SmolLM2-135M."""
     import torch

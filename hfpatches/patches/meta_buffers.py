@@ -22,8 +22,9 @@ The fix
     ``torch.nn.Module.to_empty`` is replaced by a function that calls the original and then, only
     for the non-persistent buffers in the modules it just emptied:
 
-    * a buffer that held real data before the call gets its values back on the new device
-      (``new.copy_(old)``; parameters and persistent buffers are left exactly as torch leaves them);
+    * a buffer that held real data before the call keeps its values: the tensor itself stays when
+      it is already on the target device with the same dtype (no copy, aliases kept), else
+      ``new.copy_(old)``. Parameters and persistent buffers are left exactly as torch leaves them;
     * a buffer that was itself on ``meta`` is recomputed on the CPU and copied over, first recipe
       that works wins:
         1. transformers' own ``_init_weights`` of the owning ``PreTrainedModel`` (5.x initialises
@@ -38,8 +39,8 @@ The fix
         4. a rebuild of the owning ``PreTrainedModel`` from its config with parameters on meta and
            buffers real (``accelerate.init_empty_weights(include_buffers=False)``), buffers taken
            by name. It replays the exact constructor, so per-layer arguments are honoured;
-    * whatever is left is named in one WARNING on the ``hfpatches.meta_buffers`` logger; it is
-      never left silently.
+    * whatever is left is named in one ``UninitialisedBufferWarning`` (a ``RuntimeWarning``: shown
+      by default, unlike a log record on the ``hfpatches`` logger); it is never left silently.
 
     ``hfpatches.materialize(model, device)`` does the same explicitly, with or without the patch.
 
@@ -56,6 +57,13 @@ Design decisions
     * No name-based guessing for modules outside transformers, and no ``type(module)(config)``
       rebuild of a single submodule (a constructor argument with a default could silently give a
       different buffer, e.g. GPT-Neo's local vs global attention mask).
+    * FSDP-style ``to_empty(recurse=False)`` on a submodule: its owning model is unknown there, so
+      recipes 1 and 4 apply only when the module is the ``PreTrainedModel`` itself; a rotary or
+      BERT embedding module still gets recipes 2-3, anything else the warning (keep buffers real
+      with ``include_buffers=False`` -- accelerate's default -- and nothing needs recomputing).
+    * Attaches when ``torch`` has finished importing (target ``torch`` / ``nn.Module.to_empty``,
+      the same object as ``torch.nn.modules.module.Module.to_empty``): a hook on the submodule
+      fires in the middle of ``import torch``, where the probe cannot run yet.
     * ``to_empty(device="meta")`` or buffers that stay on meta: nothing to do.
     * Weight tying is not touched (``to_empty`` unties shared parameters as torch always has; call
       ``model.tie_weights()`` as before).
@@ -64,15 +72,19 @@ from __future__ import annotations
 
 from hfpatches._registry import Patch, ProbeResult, Target
 
-__all__ = ["PATCH", "materialize"]
+__all__ = ["PATCH", "materialize", "UninitialisedBufferWarning"]
 
-# The target lives in torch.nn.modules.module, but the patch attaches when ``torch`` itself has
-# finished importing: a hook on the submodule fires half-way through ``import torch``, before the
-# probe could build a module.
+# Attach once ``torch`` has finished importing (see "Design decisions").
 _MODULE = "torch"
 _ATTR = "nn.Module.to_empty"
 _LOGGER = "hfpatches.meta_buffers"
 _ROPE_NAMES = ("inv_freq", "original_inv_freq")
+
+
+class UninitialisedBufferWarning(RuntimeWarning):
+    """``to_empty`` left non-persistent buffers uninitialised that hfpatches could not recompute.
+    A Python warning (shown by default, ``-W error`` turns it into an error), not only a log line:
+    the ``hfpatches`` logger is silent unless logging is configured."""
 
 
 def _logger():
@@ -151,12 +163,15 @@ def _to_empty(original, module, device, recurse: bool, *, explicit: bool = False
     if meta:
         _recompute(module, meta, info)
     if info["uninitialised"]:
-        _logger().warning(
-            "to_empty(device=%r) on %s left %d non-persistent buffer(s) uninitialised: %s. They were on "
-            "the meta device, are not in any state dict, and hfpatches has no recipe to recompute "
-            "them. Set them yourself before use, or build the model with buffers on a real device "
-            "(accelerate.init_empty_weights(include_buffers=False)) so to_empty keeps their values.",
-            str(device), type(module).__name__, len(info["uninitialised"]), ", ".join(info["uninitialised"]))
+        import warnings
+
+        left = info["uninitialised"]
+        warnings.warn(
+            f"to_empty(device={str(device)!r}) on {type(module).__name__} left {len(left)} non-persistent "
+            f"buffer(s) uninitialised: {', '.join(left)}. They were on the meta device, are not in any "
+            "state dict, and hfpatches has no recipe to recompute them. Set them yourself before use, or "
+            "build the model with buffers on a real device (accelerate.init_empty_weights("
+            "include_buffers=False)) so to_empty keeps their values.", UninitialisedBufferWarning, stacklevel=3)
     if explicit or info["recomputed"]:
         _logger().log(20 if explicit else 10, "to_empty(device=%r) on %s: kept %d non-persistent buffer(s), "
                       "recomputed %d%s", str(device), type(module).__name__, len(keep), len(info["recomputed"]),
@@ -169,8 +184,8 @@ def materialize(model, device, *, recurse: bool = True):
 
     Works whether or not the ``meta_buffers`` patch is applied: buffers holding data keep it,
     buffers on ``meta`` are recomputed (see this module's docstring), anything that cannot be is
-    named in one WARNING. Then load the state dict (and ``model.tie_weights()``) as usual.
-    Returns ``model``.
+    named in one ``UninitialisedBufferWarning``; a summary is logged at INFO. Then load the state
+    dict (and ``model.tie_weights()``) as usual. Returns ``model``.
     """
     _to_empty(_original_to_empty(), model, device, recurse, explicit=True)
     return model

@@ -23,7 +23,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # Run as a script, this folder is sys.path[0]: a sibling named like a stdlib module
-# (benchmarks/inspect.py) would shadow it for torch. Import from the installed package only.
+# (formerly benchmarks/inspect.py) would shadow it for torch. Import from the installed package only.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 os.environ.setdefault("HFPATCHES_CACHE", os.path.join(ROOT, ".cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -58,10 +58,22 @@ def smollm2_dir() -> str:
 
     d, f = smollm2_gguf()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from safetensors.torch import save_file
+
     model = LlamaForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    # transformers 5.x refuses save_pretrained on a GGUF-loaded model ("quantized with gguf and
+    # is not serializable"): write the dequantized fp32 weights and a plain config ourselves.
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    cfg.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:

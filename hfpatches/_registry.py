@@ -30,9 +30,9 @@ def _log(level: int, msg: str, *args) -> None:
     if logging is None:
         _early.append((level, msg, args))
         return
+    # No NullHandler on purpose: with logging unconfigured, WARNING records (FAILED,
+    # TARGET_CHANGED, CONFLICT) still reach stderr through logging's last-resort handler.
     log = logging.getLogger("hfpatches")
-    if not log.handlers:
-        log.addHandler(logging.NullHandler())
     while _early:
         lvl, m, a = _early.pop(0)
         log.log(lvl, m, *a)

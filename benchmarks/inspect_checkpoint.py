@@ -15,7 +15,7 @@ directory, then in one run, in this process:
 The shards were just written, so every read comes from the page cache: the baselines are as fast as
 they get. Targets (issue 7): inspect <= 5% of load_file's time, RSS growth < 50 MB. Also prints the wall time of
 the real CLI in a fresh interpreter (start-up included) for reference. The temporary files are removed.
-Usage: python benchmarks/inspect.py
+Usage: python benchmarks/inspect_checkpoint.py (named so that it does not shadow the stdlib inspect)
 """
 import os
 import sys

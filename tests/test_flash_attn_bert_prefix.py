@@ -397,3 +397,92 @@ def test_half_precision_checkpoint_lands_in_the_model_dtype(fb, demo, data, tmp_
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert torch.equal(model.embeddings.word_embeddings.weight, sd["embeddings.word_embeddings.weight"].float())
     assert delta_hidden(demo, data, model) < 1e-2   # fp16 rounding of the weights only
+
+
+# ----------------------------------------------------------------------------- the meta build skips initialisers
+FILLS = ("normal_", "uniform_", "fill_", "zero_")
+
+
+def meta_fills(fn):
+    """Runs ``fn`` and counts the value-filling aten ops it runs on meta tensors (a dispatch mode
+    that only watches)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in FILLS and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+                seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        out = fn()
+    return out, seen
+
+
+def test_meta_build_runs_no_initialiser_and_leaves_rng(fb, demo, data):
+    import torch
+
+    with torch.device("meta"):
+        _, plain_meta = meta_fills(lambda: fb.BertModel(cfg(demo, data)))
+    assert plain_meta, "the watcher must see the initialisers of a plain meta build (else this test proves nothing)"
+    with hfpatches.patched(PID):
+        torch.manual_seed(7)
+        state = torch.get_rng_state()
+        model, seen = meta_fills(lambda: fb.BertModel.from_pretrained(data["src"], cfg(demo, data)))
+        assert torch.equal(state, torch.get_rng_state()), "a complete load must not move the caller's RNG"
+    assert seen == [], f"initialiser kernels ran on meta tensors during the patched load: {seen[:10]}"
+    assert not any(p.is_meta for p in model.parameters())
+    assert delta_hidden(demo, data, model.eval()) < 5e-5
+
+
+def test_initialiser_skipping_is_thread_local_and_meta_only(fb):
+    import threading
+
+    import torch
+
+    from hfpatches.patches.flash_attn_bert_prefix import _skip_meta_init
+
+    def reference():
+        torch.manual_seed(3)
+        return torch.nn.Linear(8, 8), torch.nn.init.normal_(torch.empty(5)), torch.empty(5).uniform_()
+
+    ref = reference()
+    entered, release, failed = threading.Event(), threading.Event(), []
+
+    def holder():
+        try:
+            with torch.device("meta"), _skip_meta_init():
+                m = torch.nn.Linear(8, 8)
+                assert m.weight.is_meta
+                entered.set()
+                release.wait(30)
+        except BaseException as e:  # noqa: BLE001 - reported to the main thread below
+            failed.append(e)
+            entered.set()
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        assert entered.wait(30)
+        # another thread is inside the meta build: this thread still builds on CPU, initialised
+        got = reference()
+    finally:
+        release.set()
+        t.join(30)
+    assert not failed, failed
+    assert got[0].weight.device.type == "cpu"
+    assert torch.equal(got[0].weight, ref[0].weight) and torch.equal(got[0].bias, ref[0].bias)
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
+    # in the building thread itself, a tensor that is not on meta is still initialised
+    with _skip_meta_init():
+        same = reference()
+    assert all(torch.equal(a, b) for a, b in zip(same[1:], ref[1:]))
+    assert torch.equal(same[0].weight, ref[0].weight)
+    # and the mode is gone after an error inside it
+    with pytest.raises(ValueError), torch.device("meta"), _skip_meta_init():
+        raise ValueError("boom")
+    assert torch.equal(reference()[0].weight, ref[0].weight)

@@ -1,0 +1,338 @@
+"""Demo: Liger's fused linear cross-entropy on a padding-free batch (FlashAttention kwargs), on
+real SmolLM2-135M weights: the TypeError without hfpatches, then the loss with it, next to plain
+transformers' loss on the same batch.
+
+Where the Triton kernel runs
+    On a CPU, Liger's real FLCE kernel runs under Triton's interpreter, which ``TRITON_INTERPRET=1``
+    switches on only if it is set *before* ``triton`` is imported, and then for the whole process.
+    Decision: the kernel part of this demo always runs in a child process (``sys.executable``)
+    with that variable set; the demo process itself never sets it. Reasons: in
+    ``python -m hfpatches demo`` the flash-attn demo has already imported triton, so setting it
+    here would do nothing; and setting it where triton is not imported yet would silently turn
+    every later Triton kernel of the process (GPU ones included) into the interpreter. One code
+    path, same numbers in both cases. The child prints ``SAY`` lines (relayed as they come) and
+    one ``RESULT`` JSON line.
+
+Also the shared scenario helpers (the packed batch, tiny models, FLCE-only Liger, attention key
+recorder, loss/gradient parity) that the tests, GPU tests and the benchmark use.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+from .meta_buffers import dtype_kw
+
+PID = "liger_flash_kwargs"
+KINDS = ("llama", "mistral", "qwen2", "gemma")
+RESPONSE_TEMPLATE = "### Answer:"
+PAIRS = [
+    ("### Question: What does a padding-free batch contain?\n### Answer:",
+     " Several sequences laid end to end, with their boundaries."),
+    ("### Question: Name a colour.\n### Answer:", " Blue, like the sky."),
+    ("### Question: Why pin library versions?\n### Answer:",
+     " So that a training image behaves the same way next year."),
+]
+_CLASSES = {  # kind -> (config class, causal LM class) in transformers
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+}
+
+
+# ----------------------------------------------------------------------------- batch
+def tokenizer():
+    """SmolLM2-135M's real tokenizer (from the packaged GGUF, cached), pad = eos."""
+    from transformers import AutoTokenizer
+
+    from .._models import smollm2_dir
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir())
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def packed_batch(tok, pairs=PAIRS, device="cpu") -> tuple[dict, str]:
+    """A padding-free batch of ``pairs`` (prompt, completion) with loss on completions only, built
+    by TRL's own collator: 0.17's ``DataCollatorForCompletionOnlyLM(padding_free=True)``, or on
+    TRL >= 0.20 (which removed it) ``trl.trainer.sft_trainer.DataCollatorForLanguageModeling(
+    padding_free=True)``. Returns ``(batch, producer)``; tensors moved to ``device``."""
+    import warnings
+
+    try:
+        from trl import DataCollatorForCompletionOnlyLM
+    except ImportError:
+        DataCollatorForCompletionOnlyLM = None
+    if DataCollatorForCompletionOnlyLM is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            coll = DataCollatorForCompletionOnlyLM(RESPONSE_TEMPLATE, tokenizer=tok, padding_free=True)
+        batch = coll([tok(p + c) for p, c in pairs])
+        producer = "trl DataCollatorForCompletionOnlyLM(padding_free=True)"
+    else:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        examples = []
+        for p, c in pairs:
+            prompt = tok(p)["input_ids"]
+            completion = tok(c, add_special_tokens=False)["input_ids"]
+            examples.append({"input_ids": prompt + completion, "labels": [-100] * len(prompt) + completion})
+        batch = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)(examples)
+        producer = "trl DataCollatorForLanguageModeling(padding_free=True)"
+    out = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    return out, producer
+
+
+def flash_keys_in(batch) -> list[str]:
+    from ..patches.liger_flash_kwargs import flash_keys
+
+    return [k for k in flash_keys() if k in batch]
+
+
+# ----------------------------------------------------------------------------- models
+def tiny_model(kind: str, vocab_size: int, *, seed: int = 0, dtype=None, device="cpu",
+               attn_implementation: str = "sdpa"):
+    """A tiny random ``<Kind>ForCausalLM`` (2 layers, hidden 32) in train mode."""
+    import torch
+    import transformers
+
+    cfg_name, cls_name = _CLASSES[kind]
+    cfg = getattr(transformers, cfg_name)(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(device).train()
+
+
+def smollm2(device="cpu", dtype=None, attn_implementation="sdpa"):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from .._models import smollm2_dir
+
+    return LlamaForCausalLM.from_pretrained(smollm2_dir(), attn_implementation=attn_implementation,
+                                            **dtype_kw(dtype or torch.float32)).to(device).train()
+
+
+def causal_lm_class(kind: str):
+    import transformers
+
+    return getattr(transformers, _CLASSES[kind][1])
+
+
+def apply_liger(kind: str, *, flce_only: bool = True) -> None:
+    """Liger's real ``apply_liger_kernel_to_<kind>()``. ``flce_only``: fused linear cross-entropy
+    only -- RMSNorm/RoPE/SwiGLU/GeGLU stay transformers' own (Triton's CPU interpreter cannot run
+    those kernels); on a GPU pass False for every default kernel."""
+    import inspect
+
+    import liger_kernel.transformers as lk
+
+    fn = getattr(lk, f"apply_liger_kernel_to_{kind}")
+    want = {"fused_linear_cross_entropy": True, "cross_entropy": False}
+    if flce_only:
+        want.update(rope=False, rms_norm=False, swiglu=False, geglu=False)
+    params = inspect.signature(fn).parameters
+    fn(**{k: v for k, v in want.items() if k in params})
+
+
+@contextlib.contextmanager
+def liger_forward(kind: str, *, flce_only: bool = True):
+    """``apply_liger(kind)`` for the duration of the block; the CausalLM class's ``forward`` is
+    put back afterwards (Liger has no revert, and it patches the transformers class globally)."""
+    cls = causal_lm_class(kind)
+    had = "forward" in vars(cls)
+    saved = vars(cls).get("forward")
+    try:
+        apply_liger(kind, flce_only=flce_only)
+        yield cls
+    finally:
+        if had:
+            cls.forward = saved
+        elif "forward" in vars(cls):
+            del cls.forward
+
+
+@contextlib.contextmanager
+def attention_keys(model, keys):
+    """Record which of ``keys`` reach the attention modules' ``forward`` (``*.self_attn``);
+    yields the set, filled as the model runs."""
+    seen: set = set()
+
+    def hook(module, args, kwargs):
+        seen.update(k for k in keys if k in kwargs)
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
+               for name, m in model.named_modules() if name.endswith("self_attn")]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def loss_and_grads(model, batch) -> tuple[float, dict]:
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out.loss.item(), grads
+
+
+def max_grad_diff(a: dict, b: dict) -> float:
+    if a.keys() != b.keys():
+        return float("inf")
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def _error(fn):
+    """``(result, None)`` or ``(None, "TypeError: ...")``."""
+    try:
+        return fn(), None
+    except TypeError as e:
+        return None, f"TypeError: {e}"
+
+
+def parity(model, kind: str, batch, *, grads: bool = True, liger_first: bool = False) -> dict:
+    """The scenario on one model (needs the real FLCE kernel: a GPU, or TRITON_INTERPRET=1):
+
+    * ``ref``: plain transformers' forward (the class's own), loss (+ gradients);
+    * ``before``: Liger's FLCE installed, hfpatches not applied: the error, or the loss;
+    * ``after``: hfpatches applied, then Liger installed (what TRL/Trainer ``use_liger_kernel``
+      does: Liger is applied after the script's first lines). With ``liger_first`` Liger stays
+      installed from ``before`` instead (its forward predates the patch).
+    Also which FlashAttention keys reached attention in each Liger run. The class's forward and
+    the patch are restored on return."""
+    import hfpatches
+
+    keys = flash_keys_in(batch)
+    run = (lambda: loss_and_grads(model, batch)) if grads else (lambda: (model(**batch).loss.item(), {}))
+    res: dict = {"kind": kind}
+    hfpatches.revert([PID])
+    with attention_keys(model, keys) as seen:
+        res["ref_loss"], ref_grads = run()
+    res["ref_keys"] = sorted(seen)
+    try:
+        with liger_forward(kind):
+            with attention_keys(model, keys) as seen:
+                got, res["before_error"] = _error(run)
+            res["before_loss"] = got[0] if got else None
+            res["before_keys"] = sorted(seen)
+            rep = hfpatches.apply(only=[PID])
+            res["outcome"], res["reason"] = rep[PID].outcome.value, rep[PID].reason
+            if not liger_first:
+                apply_liger(kind)
+            with attention_keys(model, keys) as seen:
+                got, res["after_error"] = _error(run)
+            res["after_keys"] = sorted(seen)
+            if got:
+                res["after_loss"] = got[0]
+                res["rel"] = rel(got[0], res["ref_loss"])
+                res["grad_diff"] = max_grad_diff(got[1], ref_grads) if grads else None
+    finally:
+        hfpatches.revert([PID])
+    return res
+
+
+# ----------------------------------------------------------------------------- the demo
+def _child() -> None:
+    """The kernel part (run with TRITON_INTERPRET=1 on a CPU): SAY lines, then RESULT json."""
+    import logging
+
+    logging.getLogger("hfpatches").setLevel(logging.WARNING)
+
+    def say(line: str) -> None:
+        print(f"SAY {line}", flush=True)
+
+    import torch
+
+    tok = tokenizer()
+    batch, producer = packed_batch(tok)
+    keys = flash_keys_in(batch)
+    lens = batch["cu_seq_lens_q"].flatten().diff().tolist() if "cu_seq_lens_q" in batch else "?"
+    say(f"batch: {producer}: {len(PAIRS)} Q/A pairs packed into one row of "
+        f"{batch['input_ids'].shape[1]} tokens (lengths {lens}); keys: {', '.join(sorted(batch))}")
+    say("loading SmolLM2-135M (real weights, fp32) ...")
+    model = smollm2()
+    say("Liger: apply_liger_kernel_to_llama(fused_linear_cross_entropy=True; rope/rms_norm/swiglu "
+        "off: Triton's CPU interpreter cannot run those kernels), model.train(), labels given")
+    with torch.no_grad():
+        r = parity(model, "llama", batch, grads=False)
+    say(f"plain transformers (no Liger):          loss {r['ref_loss']:.6f}")
+    if r["before_error"]:
+        say(f"Liger, without hfpatches:               {r['before_error']}")
+    else:
+        say(f"Liger, without hfpatches:               loss {r['before_loss']:.6f} (no error on this version)")
+    say(f"  FlashAttention keys reaching attention: {r['before_keys'] or 'none'}")
+    say(f"hfpatches.apply: {r['outcome']} ({r['reason']})")
+    ok = False
+    if r.get("after_loss") is not None:
+        say(f"Liger, with hfpatches:                  loss {r['after_loss']:.6f}  "
+            f"(rel. diff to plain {r['rel']:.2e})")
+        say(f"  FlashAttention keys reaching attention: {r['after_keys'] or 'none'} (of {keys})")
+        ok = r["rel"] <= 1e-5 and (r["outcome"] != "APPLIED" or r["after_keys"] == sorted(keys))
+    else:
+        say(f"Liger, with hfpatches:                  {r['after_error']}")
+    print("RESULT " + json.dumps({"ok": ok, **r}), flush=True)
+
+
+def run_child(say, *, timeout: int = 300) -> dict | None:
+    """Run ``_child`` in a fresh interpreter with TRITON_INTERPRET=1 (unless CUDA is there,
+    where the real kernel runs), relaying its SAY lines; return its RESULT."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    code = "from hfpatches.demos.liger_flash_kwargs import _child; _child()"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    result = None
+    try:
+        for line in proc.stdout:
+            if line.startswith("SAY "):
+                say(line[4:].rstrip("\n"))
+            elif line.startswith("RESULT "):
+                result = json.loads(line[7:])
+        err = proc.stderr.read()
+        proc.wait(timeout=timeout)
+    except BaseException:
+        proc.kill()
+        raise
+    if proc.returncode != 0:
+        tail = [ln for ln in err.strip().splitlines() if ln.strip()][-3:]
+        say(f"child process failed (rc={proc.returncode}): {' | '.join(tail)}")
+    return result
+
+
+def run(say) -> bool:
+    import importlib.util
+
+    import hfpatches
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        r = hfpatches.apply(only=[PID])[PID]
+        say(f"{r.outcome.value}: {r.reason}")
+        return True
+    say("the kernel part runs in a child process with TRITON_INTERPRET=1 (Liger's real FLCE "
+        "kernel on the CPU); starting it (imports + SmolLM2 load, ~20 s) ...")
+    res = run_child(say)
+    if res is None:
+        return False
+    if res["outcome"] == "APPLIED":
+        return bool(res["ok"]) and bool(res["before_error"])
+    # NOT_AFFECTED (fixed upstream): the scenario must still work
+    return bool(res["ok"])

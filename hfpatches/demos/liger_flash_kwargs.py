@@ -163,16 +163,20 @@ def liger_forward(kind: str, *, flce_only: bool = True):
 
 
 @contextlib.contextmanager
-def attention_keys(model, keys):
-    """Record which of ``keys`` reach the attention modules' ``forward`` (``*.self_attn``);
-    yields the set, filled as the model runs."""
-    seen: set = set()
+def keys_seen(model, keys):
+    """Record which of ``keys`` reach the decoder (``model.model``) and the attention modules
+    (``*.self_attn``) as keyword arguments; yields ``{"decoder": set, "attention": set}``, filled
+    as the model runs."""
+    seen: dict = {"decoder": set(), "attention": set()}
 
-    def hook(module, args, kwargs):
-        seen.update(k for k in keys if k in kwargs)
+    def hook(where):
+        def record(module, args, kwargs):
+            seen[where].update(k for k in keys if k in kwargs)
+        return record
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
-               for name, m in model.named_modules() if name.endswith("self_attn")]
+    mods = [(m, "attention") for name, m in model.named_modules() if name.endswith("self_attn")]
+    mods.append((model.model, "decoder"))
+    handles = [m.register_forward_pre_hook(hook(where), with_kwargs=True) for m, where in mods]
     try:
         yield seen
     finally:
@@ -215,30 +219,35 @@ def parity(model, kind: str, batch, *, grads: bool = True, liger_first: bool = F
     * ``after``: hfpatches applied, then Liger installed (what TRL/Trainer ``use_liger_kernel``
       does: Liger is applied after the script's first lines). With ``liger_first`` Liger stays
       installed from ``before`` instead (its forward predates the patch).
-    Also which FlashAttention keys reached attention in each Liger run. The class's forward and
+    Also which FlashAttention keys reached the decoder and attention in each run. The class's forward and
     the patch are restored on return."""
     import hfpatches
 
     keys = flash_keys_in(batch)
     run = (lambda: loss_and_grads(model, batch)) if grads else (lambda: (model(**batch).loss.item(), {}))
     res: dict = {"kind": kind}
+
+    def record(stage, seen):
+        res[f"{stage}_keys"] = sorted(seen["attention"])
+        res[f"{stage}_decoder_keys"] = sorted(seen["decoder"])
+
     hfpatches.revert([PID])
-    with attention_keys(model, keys) as seen:
+    with keys_seen(model, keys) as seen:
         res["ref_loss"], ref_grads = run()
-    res["ref_keys"] = sorted(seen)
+    record("ref", seen)
     try:
         with liger_forward(kind):
-            with attention_keys(model, keys) as seen:
+            with keys_seen(model, keys) as seen:
                 got, res["before_error"] = _error(run)
             res["before_loss"] = got[0] if got else None
-            res["before_keys"] = sorted(seen)
+            record("before", seen)
             rep = hfpatches.apply(only=[PID])
             res["outcome"], res["reason"] = rep[PID].outcome.value, rep[PID].reason
             if not liger_first:
                 apply_liger(kind)
-            with attention_keys(model, keys) as seen:
+            with keys_seen(model, keys) as seen:
                 got, res["after_error"] = _error(run)
-            res["after_keys"] = sorted(seen)
+            record("after", seen)
             if got:
                 res["after_loss"] = got[0]
                 res["rel"] = rel(got[0], res["ref_loss"])
@@ -284,7 +293,7 @@ def _child() -> None:
         say(f"Liger, with hfpatches:                  loss {r['after_loss']:.6f}  "
             f"(rel. diff to plain {r['rel']:.2e})")
         say(f"  FlashAttention keys reaching attention: {r['after_keys'] or 'none'} (of {keys})")
-        ok = r["rel"] <= 1e-5 and (r["outcome"] != "APPLIED" or r["after_keys"] == sorted(keys))
+        ok = r["rel"] <= 1e-5 and (r["outcome"] != "APPLIED" or r["after_keys"] == r["ref_keys"])
     else:
         say(f"Liger, with hfpatches:                  {r['after_error']}")
     print("RESULT " + json.dumps({"ok": ok, **r}), flush=True)

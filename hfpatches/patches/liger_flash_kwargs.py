@@ -87,6 +87,7 @@ from hfpatches._registry import Patch, ProbeResult, Target
 __all__ = ["PATCH", "flash_keys"]
 
 PATCH_ID = "liger_flash_kwargs"
+PACKAGE = "liger_kernel.transformers"
 LOSS_UTILS = "liger_kernel.transformers.model.loss_utils"
 MONKEY_PATCH = "liger_kernel.transformers.monkey_patch"
 MODEL_PKG = "liger_kernel.transformers.model"
@@ -197,7 +198,8 @@ def hand_off(wrapped, instance, args, kwargs):
     if not pending:
         return wrapped(*args, **kwargs)
     token = _pending.set((decoder, pending))
-    handle = decoder.register_forward_pre_hook(_inject, with_kwargs=True)
+    # prepend: other pre-hooks (user code) see the call as if lce_forward had passed the keys
+    handle = decoder.register_forward_pre_hook(_inject, with_kwargs=True, prepend=True)
     try:
         return wrapped(*args, **kwargs)
     finally:
@@ -356,7 +358,11 @@ PATCH = Patch(
     upstream=("linkedin/Liger-Kernel#650", "linkedin/Liger-Kernel#651", "linkedin/Liger-Kernel#708"),
     requires=("liger-kernel>=0.5.6,<0.5.7",),
     fixed_in="liger-kernel>=0.5.7",
-    targets=(Target(LOSS_UTILS, SHARED, params=("hidden_states", "lm_head_weight", "target")),),
+    # Declared on the package: its post-import hook fires once ``liger_kernel.transformers`` has
+    # finished importing (loss_utils is imported in the middle of it, whichever module the user
+    # names); the attribute path then reaches loss_utils.
+    targets=(Target(PACKAGE, f"model.loss_utils.{SHARED}",
+                    params=("hidden_states", "lm_head_weight", "target")),),
     probe=probe,
     apply=apply,
     check=check,

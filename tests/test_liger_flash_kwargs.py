@@ -1,0 +1,583 @@
+"""liger_flash_kwargs: Liger's fused linear cross-entropy with padding-free batches.
+
+Every bug case also runs without hfpatches and asserts the TypeError there (affected stack,
+liger-kernel 0.5.6); on the latest stack (liger-kernel 0.8.5) the patch reports NOT_AFFECTED and
+the same scenarios pass. Cases that run Liger's real FLCE Triton kernel do so in a child process
+with TRITON_INTERPRET=1 (it must be set before triton is imported, and this process imports
+triton with liger); one child runs all four model families to pay the imports once.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("liger_kernel")
+
+import hfpatches  # noqa: E402
+from hfpatches.demos import liger_flash_kwargs as demo  # noqa: E402
+from hfpatches.patches import liger_flash_kwargs as lfk  # noqa: E402
+
+PID = lfk.PATCH_ID
+KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+KIND_PARAMS = [pytest.param(k, id=k) for k in demo.KINDS]
+# every liger-kernel 0.5.6 model module rewritten onto loss_utils (llava/paligemma are not)
+LOSS_UTILS_MODELS = {"gemma", "gemma2", "llama", "mistral", "mixtral", "mllama", "olmo2", "phi3",
+                     "qwen2", "qwen2_vl", "qwen2_5_vl"}
+
+
+@pytest.fixture(scope="module")
+def lu():
+    import liger_kernel.transformers  # noqa: F401  (the package a user imports)
+    from liger_kernel.transformers.model import loss_utils
+
+    return loss_utils
+
+
+def _apply():
+    rep = hfpatches.apply(only=[PID])
+    assert rep[PID].outcome == hfpatches.Outcome.APPLIED, rep[PID].reason
+    return rep
+
+
+def _affected_only(stack):
+    if stack != "affected":
+        pytest.skip("the patch is NOT_AFFECTED on this stack (liger-kernel >= 0.5.7): nothing to filter")
+
+
+def _flash_kwargs(n=3):
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": n, "max_length_k": n}
+
+
+def _tiny_loss_args(n=3, hidden=4, vocab=5):
+    torch.manual_seed(0)
+    return (torch.randn(1, n, hidden), torch.randn(vocab, hidden),
+            torch.randint(0, vocab, (1, n)), hidden)
+
+
+class _Callee:
+    """A stand-in for ``F.liger_fused_linear_cross_entropy`` with its real 0.5.6 signature
+    (no Triton): records the keywords it got, returns plain cross-entropy."""
+
+    def __init__(self):
+        self.calls = []
+
+    def make(self):
+        calls = self.calls
+
+        def liger_fused_linear_cross_entropy(input, weight, target, bias=None, ce_weight=None,
+                                             ignore_index=-100, lse_square_scale=0.0,
+                                             label_smoothing=0.0, reduction="mean", softcap=None,
+                                             return_z_loss=False):
+            calls.append({"reduction": reduction, "ignore_index": ignore_index,
+                          "label_smoothing": label_smoothing})
+            return torch.nn.functional.cross_entropy(input @ weight.T, target, ignore_index=ignore_index,
+                                                     reduction=reduction, label_smoothing=label_smoothing)
+
+        return liger_fused_linear_cross_entropy
+
+
+# ----------------------------------------------------------------------------- outcome & probe
+def test_declaration():
+    p = lfk.PATCH
+    assert p.requires == ("liger-kernel>=0.5.6,<0.5.7",) and p.fixed_in == "liger-kernel>=0.5.7"
+    assert p.targets[0].path == "liger_kernel.transformers.model.loss_utils.fixed_fused_linear_cross_entropy"
+    assert p.modules == ("liger_kernel.transformers",)   # attaches once the package finished importing
+    assert "linkedin/Liger-Kernel#650" in p.upstream and "linkedin/Liger-Kernel#651" in p.upstream
+
+
+def test_outcome_per_stack(stack, lu):
+    original = vars(lu)["fixed_fused_linear_cross_entropy"]
+    rep = hfpatches.apply(only=[PID])[PID]
+    if stack == "affected":
+        assert rep.outcome == hfpatches.Outcome.APPLIED, rep.reason
+        assert rep.in_range and rep.bug_present
+        assert vars(lu)["fixed_fused_linear_cross_entropy"] is not original
+        assert hfpatches.get_original(PID) is original
+    else:
+        assert rep.outcome == hfpatches.Outcome.NOT_AFFECTED, rep.reason
+        assert "outside the affected range" in rep.reason and "0.5.7" in rep.reason
+    hfpatches.revert([PID])
+    assert vars(lu)["fixed_fused_linear_cross_entropy"] is original
+
+
+def test_probe_is_behavioural_and_never_reaches_triton(stack, lu, monkeypatch):
+    """Bug <=> TypeError about cu_seq_lens_q; the autograd Function (the Triton kernel's
+    entry) is never called, patched or not, and any trace function is restored."""
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+    reached = []
+    monkeypatch.setattr(LigerFusedLinearCrossEntropyFunction, "apply",
+                        staticmethod(lambda *a, **k: reached.append(1)))
+    import sys
+
+    def outer(frame, event, arg):
+        return None
+
+    prev = sys.gettrace()
+    sys.settrace(outer)
+    try:
+        before = lfk.probe()
+    finally:
+        after_trace = sys.gettrace()
+        sys.settrace(prev)
+    assert after_trace is outer
+    if stack == "affected":
+        assert before.bug_present and "unexpected keyword argument 'cu_seq_lens_q'" in before.detail
+        _apply()
+        after = lfk.probe()
+        assert not after.bug_present and "without cu_seq_lens_q" in after.detail, after
+        hfpatches.revert([PID])
+        assert lfk.probe().bug_present
+    else:  # liger 0.8.x filters in LigerForCausalLMLoss: behaviourally not affected either
+        assert not before.bug_present and "without cu_seq_lens_q" in before.detail, before
+    assert reached == []
+
+
+def test_check_rejects_a_model_module_that_captured_the_shared_name(lu, monkeypatch):
+    import liger_kernel.transformers.model.llama as llama
+
+    assert lfk.check() is None
+    monkeypatch.setattr(llama, "fixed_fused_linear_cross_entropy", lu.fixed_fused_linear_cross_entropy,
+                        raising=False)
+    assert "binds fixed_fused_linear_cross_entropy by name" in lfk.check()
+
+
+# ----------------------------------------------------------------------------- the filter
+def test_filter_drops_only_what_the_fused_loss_does_not_accept(stack, lu, monkeypatch):
+    _affected_only(stack)
+    import liger_kernel.transformers.functional as F
+
+    callee = _Callee()
+    monkeypatch.setattr(F, "liger_fused_linear_cross_entropy", callee.make())
+    h, w, y, hid = _tiny_loss_args()
+    extra = {**_flash_kwargs(), "seq_idx": torch.zeros(1, 3, dtype=torch.int32), "output_attentions": False}
+    with pytest.raises(TypeError, match="unexpected keyword argument 'cu_seq_lens_q'"):
+        lu.LigerForCausalLMLoss(h, w, y, hid, **extra)
+    _apply()
+    want = lu.LigerForCausalLMLoss(h, w, y, hid, label_smoothing=0.1)   # an accepted key survives
+    got = lu.LigerForCausalLMLoss(h, w, y, hid, label_smoothing=0.1, **extra)
+    assert torch.equal(got, want)
+    assert callee.calls[-1] == {"reduction": "mean", "ignore_index": -100, "label_smoothing": 0.1}
+    # num_items_in_batch keeps its meaning (sum / n)
+    summed = lu.LigerForCausalLMLoss(h, w, y, hid, num_items_in_batch=2, **extra)
+    assert callee.calls[-1]["reduction"] == "sum"
+    logits = h.view(-1, hid) @ w.T
+    want_sum = torch.nn.functional.cross_entropy(logits[:-1], y.view(-1)[1:], reduction="sum") / 2
+    assert torch.allclose(summed, want_sum)
+    # a key the functional accepts but fixed_fused_linear_cross_entropy sets itself still raises
+    with pytest.raises(TypeError, match="multiple values for keyword argument 'reduction'"):
+        lu.LigerForCausalLMLoss(h, w, y, hid, reduction="sum")
+
+
+def test_filter_computed_once_per_callee(stack, lu, monkeypatch):
+    _affected_only(stack)
+    import liger_kernel.transformers.functional as F
+
+    calls = []
+    real = lfk._keyword_names
+    monkeypatch.setattr(lfk, "_keyword_names", lambda f: calls.append(f) or real(f))
+    first = _Callee().make()
+    monkeypatch.setattr(F, "liger_fused_linear_cross_entropy", first)
+    _apply()
+    accepted = lfk._state["accepted"]
+    h, w, y, hid = _tiny_loss_args()
+    assert calls == [first] and list(accepted) == [first]   # computed by the verify probe
+    assert "cu_seq_lens_q" not in accepted[first] and "label_smoothing" in accepted[first]
+    calls.clear()
+    lu.LigerForCausalLMLoss(h, w, y, hid)            # no keyword at all: no lookup
+    for _ in range(3):
+        lu.LigerForCausalLMLoss(h, w, y, hid, **_flash_kwargs())
+    assert calls == [] and list(accepted) == [first]
+    second = _Callee().make()                       # a replaced functional gets its own entry
+    monkeypatch.setattr(F, "liger_fused_linear_cross_entropy", second)
+    lu.LigerForCausalLMLoss(h, w, y, hid, **_flash_kwargs())
+    assert calls == [second] and list(accepted) == [first, second]
+
+    def takes_anything(input, weight, target, **kw):   # a callee taking **kwargs: nothing dropped
+        return kw
+
+    monkeypatch.setattr(F, "liger_fused_linear_cross_entropy", takes_anything)
+    orig = hfpatches.get_original(PID)
+    wrapper = vars(lu)["fixed_fused_linear_cross_entropy"]
+    assert wrapper.__wrapped__ is orig
+    got = lu.LigerForCausalLMLoss(h, w, y, hid, cu_seq_lens_q=1)   # returns the kwargs it got
+    assert got["cu_seq_lens_q"] == 1 and accepted[takes_anything] is None
+
+
+# ----------------------------------------------------------------------------- coverage per model
+def test_every_loss_utils_model_reaches_the_wrapped_point(stack, lu, monkeypatch):
+    """Each model module captured ``LigerForCausalLMLoss`` with ``from ... import``; all those
+    names are one function whose call-time global lookup of fixed_fused_linear_cross_entropy
+    lands on the attribute the patch wraps. Proven by calling each module's captured name."""
+    _affected_only(stack)
+    import importlib
+    import pkgutil
+
+    import liger_kernel.transformers.functional as F
+    import liger_kernel.transformers.model as pkg
+
+    callee = _Callee()
+    monkeypatch.setattr(F, "liger_fused_linear_cross_entropy", callee.make())
+    mods = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        assert "fixed_fused_linear_cross_entropy" not in vars(mod) or mod is lu, mod.__name__
+        if lfk._is_liger_forward(vars(mod).get("lce_forward"), lu.LigerForCausalLMLoss):
+            mods[info.name] = mod
+    assert set(mods) == LOSS_UTILS_MODELS
+    h, w, y, hid = _tiny_loss_args()
+    for name, mod in mods.items():
+        with pytest.raises(TypeError, match="cu_seq_lens_q"):
+            mod.LigerForCausalLMLoss(h, w, y, hid, **_flash_kwargs())
+    _apply()
+    for name, mod in mods.items():
+        n = len(callee.calls)
+        mod.LigerForCausalLMLoss(h, w, y, hid, **_flash_kwargs())
+        assert len(callee.calls) == n + 1, name
+    # and every model's forward is wrapped where Liger's installers take it from
+    import liger_kernel.transformers.monkey_patch as mp
+
+    for name, mod in mods.items():
+        assert type(vars(mod)["lce_forward"]).__name__ == "FunctionWrapper", name
+    wrapped = {k for k, v in vars(mp).items() if type(v).__name__ == "FunctionWrapper"}
+    assert wrapped == {f"{m}_lce_forward" for m in ("gemma", "gemma2", "llama", "mistral", "mixtral",
+                                                    "phi3", "qwen2")}   # llava's is not on loss_utils
+    hfpatches.revert([PID])
+    assert all(lfk._is_liger_forward(vars(m)["lce_forward"], lu.LigerForCausalLMLoss) for m in mods.values())
+
+
+# ----------------------------------------------------------------------------- decoder hand-off
+def _recording_attention(seen):
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attn(module, query, key, value, attention_mask, **kwargs):
+        seen.append({k: kwargs[k] for k in KEYS if k in kwargs})
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("hfpatches_recording", attn)
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    except ImportError:   # 4.51: masks do not go through an interface
+        return
+    ALL_MASK_ATTENTION_FUNCTIONS.register("hfpatches_recording", sdpa_mask)
+
+
+# transformers 4.51's GemmaModel takes **kwargs but does not pass them on ("NOOP kwarg for now"):
+# there the keys reach the decoder, as with transformers' own forward, but not attention
+PASSES_TO_ATTENTION = {"llama", "mistral", "qwen2"}
+
+
+@pytest.mark.parametrize("kind", KIND_PARAMS)
+def test_flash_kwargs_reach_the_decoder_and_attention(stack, kind):
+    """Liger 0.5.6's forward drops the keys before ``self.model(...)``; with the patch they reach
+    the decoder and, as with transformers' own forward, its attention function (eval mode, no
+    labels: no Triton kernel involved); outputs equal plain transformers'; no hook is left."""
+    seen = []
+    _recording_attention(seen)
+    model = demo.tiny_model(kind, 97, attn_implementation="hfpatches_recording").eval()
+    batch = {"input_ids": torch.randint(0, 97, (1, 7)),
+             "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3]]),
+             "cu_seq_lens_q": torch.tensor([0, 3, 7], dtype=torch.int32),
+             "cu_seq_lens_k": torch.tensor([0, 3, 7], dtype=torch.int32),
+             "max_length_q": 4, "max_length_k": 4}
+
+    def run():
+        seen.clear()
+        with demo.keys_seen(model, KEYS) as keys, torch.no_grad():
+            logits = model(**batch).logits
+        at_attention = sorted({k for s in seen for k in s})
+        assert len({tuple(sorted(s)) for s in seen}) == 1      # every layer got the same
+        return logits, sorted(keys["decoder"]), at_attention
+
+    ref, ref_decoder, ref_attention = run()       # transformers' own forward
+    assert ref_decoder == sorted(KEYS)
+    if kind in PASSES_TO_ATTENTION or stack == "latest":
+        assert ref_attention == sorted(KEYS)
+    with demo.liger_forward(kind):
+        unpatched, decoder, attention = run()
+        if stack == "affected":
+            assert decoder == [] and attention == [], "Liger 0.5.6 is expected to drop them"
+            _apply()
+            demo.apply_liger(kind)      # Liger installed after hfpatches (TRL/Trainer order)
+        else:                           # liger >= 0.6 passes them itself; the patch stays out
+            assert (decoder, attention) == (ref_decoder, ref_attention)
+            assert hfpatches.apply(only=[PID])[PID].outcome == hfpatches.Outcome.NOT_AFFECTED
+        patched, decoder, attention = run()
+    assert (decoder, attention) == (ref_decoder, ref_attention)
+    for s in seen:
+        if s:
+            assert s["cu_seq_lens_q"] is batch["cu_seq_lens_q"] and s["max_length_k"] == 4
+    assert torch.equal(unpatched, ref) and torch.equal(patched, ref)
+    assert not model.model._forward_pre_hooks
+
+
+def test_hand_off_only_adds_what_the_decoder_accepts(stack, lu):
+    _affected_only(stack)
+    _apply()
+
+    class NoKwargs(torch.nn.Module):           # like Qwen2VLModel / MllamaTextModel in 4.51
+        def forward(self, input_ids=None, position_ids=None):
+            return input_ids
+
+    class Named(torch.nn.Module):
+        def forward(self, input_ids=None, cu_seq_lens_q=None):
+            return cu_seq_lens_q
+
+    assert lfk._decoder_keys(NoKwargs()) == ()
+    assert lfk._decoder_keys(Named()) == ("cu_seq_lens_q",)
+
+    class Outer(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.model = inner
+
+    def forward_dropping(self, input_ids=None, **kwargs):   # what Liger 0.5.6's lce_forward does
+        return self.model(input_ids=input_ids)
+
+    import wrapt
+
+    wrapped = wrapt.FunctionWrapper(forward_dropping, lfk.hand_off)
+    cu = torch.tensor([0, 2], dtype=torch.int32)
+    assert wrapped(Outer(NoKwargs()), input_ids=1, cu_seq_lens_q=cu) == 1
+    assert wrapped(Outer(Named()), input_ids=1, cu_seq_lens_q=cu, max_length_q=2) is cu
+    hfpatches.revert([PID])                     # not live: a pass-through
+    assert wrapped(Outer(Named()), input_ids=1, cu_seq_lens_q=cu) is None
+
+
+# ----------------------------------------------------------------------------- real kernel (child)
+KERNEL_CHILD = r'''
+import json, logging, os
+assert os.environ.get("TRITON_INTERPRET") == "1"
+import torch
+import hfpatches
+from hfpatches.demos import liger_flash_kwargs as D
+logs = []
+class H(logging.Handler):
+    def emit(self, rec): logs.append(rec.getMessage())
+logging.getLogger("hfpatches.liger_flash_kwargs").addHandler(H())
+logging.getLogger("hfpatches.liger_flash_kwargs").setLevel(logging.INFO)
+tok = D.tokenizer()
+batch, producer = D.packed_batch(tok)
+out = {"producer": producer, "keys": sorted(batch), "kinds": {}}
+for kind in D.KINDS:
+    out["kinds"][kind] = D.parity(D.tiny_model(kind, len(tok)), kind, batch)
+# Liger applied before hfpatches: the loss fix still covers it, and an INFO record says why the
+# decoder does not get the keys there
+logs.clear()
+out["liger_first"] = D.parity(D.tiny_model("llama", len(tok)), "llama", batch, liger_first=True)
+out["liger_first_logs"] = list(logs)
+# a Liger model module imported lazily after apply (olmo2: inside apply_liger_kernel_to_olmo2)
+import sys
+lazy = "liger_kernel.transformers.model.olmo2"
+was_imported = lazy in sys.modules
+rep = hfpatches.apply(only=[D.PID])
+import liger_kernel.transformers as lk
+from transformers.models.olmo2 import modeling_olmo2
+saved = modeling_olmo2.Olmo2ForCausalLM.__dict__["forward"]
+lk.apply_liger_kernel_to_olmo2(rope=False, rms_norm=False, swiglu=False)
+fwd = modeling_olmo2.Olmo2ForCausalLM.__dict__["forward"]
+out["lazy"] = {"was_imported": was_imported, "outcome": rep[D.PID].outcome.value,
+               "wrapped": type(fwd).__name__ == "FunctionWrapper"}
+modeling_olmo2.Olmo2ForCausalLM.forward = saved
+hfpatches.revert([D.PID])
+out["lazy"]["restored"] = type(sys.modules[lazy].__dict__["lce_forward"]).__name__ == "function"
+print("RESULT " + json.dumps(out))
+'''
+
+
+def _child(py, code, timeout=600):
+    proc = py(code, env={"TRITON_INTERPRET": "1"}, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def kernel_results():
+    from conftest import run_py
+
+    return _child(run_py, KERNEL_CHILD)
+
+
+def _check_parity(stack, r, *, loss_rel=1e-6, grad=1e-5, handed_off=True):
+    if stack == "affected":
+        assert r["before_error"] and "unexpected keyword argument 'cu_seq_lens_q'" in r["before_error"], r
+        # Liger 0.5.6 drops them before self.model(...)
+        assert r["before_decoder_keys"] == [] and r["before_keys"] == [], r
+        assert r["outcome"] == "APPLIED", r
+    else:
+        assert r["before_error"] is None and r["outcome"] == "NOT_AFFECTED", r
+        assert r["before_decoder_keys"] == sorted(KEYS) and r["before_keys"] == r["ref_keys"], r
+        assert r["before_loss"] is not None and abs(r["before_loss"] - r["after_loss"]) <= 1e-6 * r["ref_loss"]
+    assert r["after_error"] is None, r
+    assert r["rel"] <= loss_rel, r
+    if grad is not None:
+        assert r["grad_diff"] <= grad, r
+    assert r["ref_decoder_keys"] == sorted(KEYS), r
+    if handed_off:
+        assert r["after_decoder_keys"] == sorted(KEYS) and r["after_keys"] == r["ref_keys"], r
+    if r["kind"] in PASSES_TO_ATTENTION:
+        assert r["ref_keys"] == sorted(KEYS), r
+
+
+@pytest.mark.parametrize("kind", KIND_PARAMS)
+def test_real_flce_kernel_parity(stack, kernel_results, kind):
+    """tiny random <kind>, real apply_liger_kernel_to_<kind>(), train(), a batch from TRL's real
+    padding-free collator on SmolLM2's tokenizer: the TypeError without hfpatches; with it the
+    loss equals plain transformers' (rel <= 1e-6), gradients within 1e-5, and the keys reach
+    attention."""
+    assert set(kernel_results["keys"]) >= set(KEYS)
+    assert kernel_results["producer"].startswith("trl ")
+    _check_parity(stack, kernel_results["kinds"][kind])
+
+
+def test_liger_applied_before_hfpatches(stack, kernel_results):
+    r = kernel_results["liger_first"]
+    if stack == "affected":
+        _check_parity(stack, r, handed_off=False)
+        assert r["after_decoder_keys"] == [], r   # documented: that forward predates the patch
+        assert any("installed before hfpatches" in m and "LlamaForCausalLM" in m
+                   for m in kernel_results["liger_first_logs"]), kernel_results["liger_first_logs"]
+    else:
+        _check_parity(stack, r)
+
+
+def test_lazily_imported_liger_model_is_wrapped(stack, kernel_results):
+    r = kernel_results["lazy"]
+    assert r["restored"], r
+    if stack == "affected":
+        assert r["outcome"] == "APPLIED" and r["wrapped"] and not r["was_imported"], r
+    else:
+        assert r["outcome"] == "NOT_AFFECTED" and not r["wrapped"], r
+
+
+SMOLLM_CHILD = r'''
+import json, torch
+from hfpatches.demos import liger_flash_kwargs as D
+tok = D.tokenizer()
+batch, _ = D.packed_batch(tok)
+with torch.no_grad():
+    r = D.parity(D.smollm2(), "llama", batch, grads=False)
+print("RESULT " + json.dumps(r))
+'''
+
+
+@pytest.mark.slow
+def test_smollm2_real_weights(stack, py):
+    """SmolLM2-135M (real weights) on a packed batch of real text: Liger + hfpatches loss equals
+    plain transformers' (rel <= 1e-5); without hfpatches the TypeError (affected)."""
+    r = _child(py, SMOLLM_CHILD)
+    _check_parity(stack, r, loss_rel=1e-5, grad=None)
+    assert 0.5 < r["ref_loss"] < 15
+
+
+SFT_CHILD = r'''
+import json, math, os, tempfile, warnings
+warnings.filterwarnings("ignore")
+import torch
+import hfpatches
+from hfpatches.demos import liger_flash_kwargs as D
+first = hfpatches.apply(only=[D.PID])[D.PID].outcome.value     # a script's first lines
+import trl, transformers
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+# A word-level tokenizer trained on the examples (a ~40-token vocabulary): the Trainer's loss is
+# sum / num_items_in_batch, so the FLCE backward rescales grad_weight with an element-wise Triton
+# kernel, one interpreter program per vocabulary row (SmolLM2's 49152 rows: over a minute).
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+words = Tokenizer(models.WordLevel(unk_token="<unk>"))
+words.pre_tokenizer = pre_tokenizers.Whitespace()
+words.train_from_iterator([p + c for p, c in D.PAIRS],
+                          trainers.WordLevelTrainer(special_tokens=["<pad>", "<eos>", "<unk>"]))
+tok = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+old_trl = int(trl.__version__.split(".")[0]) == 0 and int(trl.__version__.split(".")[1]) < 20
+cfg = dict(max_steps=1, per_device_train_batch_size=len(D.PAIRS), learning_rate=1e-3, report_to=[],
+           save_strategy="no", logging_steps=1, use_liger_kernel=True, disable_tqdm=True,
+           dataloader_num_workers=0, seed=0)
+if old_trl:
+    # transformers 4.51's Trainer applies every Llama kernel to the instance; Triton's CPU
+    # interpreter cannot run RMSNorm/RoPE/SwiGLU, so those three autograd Functions get pure-torch
+    # references (this child process only). The fused linear cross-entropy is Liger's real kernel.
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    from liger_kernel.ops.rope import LigerRopeFunction
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    def rms(X, W, eps, offset=0.0, casting_mode="llama", in_place=True):
+        x = X.float()
+        return (offset + W) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(X.dtype)
+    def rot(x):
+        a, b = x.chunk(2, dim=-1)
+        return torch.cat((-b, a), dim=-1)
+    def rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+    LigerRMSNormFunction.apply = staticmethod(rms)
+    LigerRopeFunction.apply = staticmethod(rope)
+    LigerSiLUMulFunction.apply = staticmethod(lambda a, b: torch.nn.functional.silu(a) * b)
+    data = Dataset.from_dict({"text": [p + c for p, c in D.PAIRS]})
+    def make():
+        coll = trl.DataCollatorForCompletionOnlyLM(D.RESPONSE_TEMPLATE, tokenizer=tok, padding_free=True)
+        return dict(data_collator=coll, args=SFTConfig(output_dir=tmp, **cfg))
+else:
+    # TRL >= 0.20's SFTTrainer refuses Liger's fused linear cross-entropy (it installs its own
+    # fused LM head), so the same step runs in transformers' Trainer, with TRL's padding-free collator
+    from transformers import Trainer, TrainingArguments
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    rows = []
+    for p, c in D.PAIRS:
+        a, b = tok(p)["input_ids"], tok(c, add_special_tokens=False)["input_ids"]
+        rows.append({"input_ids": a + b, "labels": [-100] * len(a) + b})
+    data = Dataset.from_list(rows)
+    cfg.update(bf16=False, remove_unused_columns=False,
+               liger_kernel_config={"rope": False, "rms_norm": False, "swiglu": False,
+                                    "cross_entropy": False, "fused_linear_cross_entropy": True})
+    SFTTrainer = Trainer
+    def make():
+        coll = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)
+        return dict(data_collator=coll, args=TrainingArguments(output_dir=tmp, **cfg))
+out = {"first": first, "trl": trl.__version__, "vocab": len(tok)}
+with tempfile.TemporaryDirectory() as tmp:
+    seen = []
+    def run():
+        model = D.tiny_model("llama", len(tok))
+        trainer = SFTTrainer(model=model, train_dataset=data, processing_class=tok, **make())
+        out["trainer"] = type(trainer).__name__
+        batch = next(iter(trainer.get_train_dataloader()))
+        seen.append(sorted(batch))
+        return trainer.train().training_loss
+    hfpatches.revert([D.PID])
+    try:
+        out["unpatched_loss"] = run()
+        out["unpatched_error"] = None
+    except TypeError as e:
+        out["unpatched_error"] = str(e)
+    rep = hfpatches.apply(only=[D.PID])[D.PID]
+    out["outcome"] = rep.outcome.value
+    out["loss"] = run()
+    out["batch_keys"] = seen[-1]
+print("RESULT " + json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_sft_trainer_step(stack, py):
+    """One real trl.SFTTrainer step, padding-free batches, Liger enabled (use_liger_kernel):
+    the TypeError without hfpatches (affected), a finite loss with it. On TRL >= 0.20, whose
+    SFTTrainer no longer uses Liger's fused loss, the same step runs in transformers' Trainer."""
+    r = _child(py, SFT_CHILD, timeout=900)
+    assert set(r["batch_keys"]) >= set(KEYS), r
+    if stack == "affected":
+        assert r["first"] in ("DEFERRED", "APPLIED"), r
+        assert r["unpatched_error"] and "cu_seq_lens_q" in r["unpatched_error"], r
+        assert r["outcome"] == "APPLIED", r
+    else:
+        assert r["unpatched_error"] is None and math.isfinite(r["unpatched_loss"]), r
+        assert r["outcome"] == "NOT_AFFECTED", r
+    assert math.isfinite(r["loss"]) and r["loss"] > 0, r
+    assert r["trainer"] == ("SFTTrainer" if stack == "affected" else "Trainer"), r

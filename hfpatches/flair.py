@@ -11,7 +11,9 @@ their config, and give a flair model one compute dtype.
     with ``peft_config=LoraConfig(...)`` the embeddings are rebuilt with that config and the
     weights load strictly (a config that does not fit them, e.g. another ``r`` or other target
     modules, raises, naming the file). Then the dtype policy is applied. Works with or without the
-    ``peft_save_load`` patch live; the file is only ever opened for reading.
+    ``peft_save_load`` patch live; the file is only ever opened for reading. The CRC-32 pass over
+    the tensor data runs on a thread beside flair's own load (reading and ``zlib.crc32`` release
+    the GIL) and is waited for before the model is returned.
 
 ``unify_dtype(model, policy=None)``
     One compute dtype for a flair model whose embeddings are transformers. ``"backbone"`` (the
@@ -22,6 +24,8 @@ their config, and give a flair model one compute dtype.
     are never touched. Precedence: the ``policy`` argument (remembered on the model) > an earlier
     explicit choice on that model > ``HFPATCHES_DTYPE_POLICY`` (``hfpatches._env.DTYPE_POLICY``) >
     ``"backbone"``. Parameters keep their identity (an optimizer holding them keeps working).
+    What to walk is cached per model structure, so a call costs well under a millisecond for
+    MiniLM when nothing needs casting (the patch calls it at every predict / forward_loss).
 
 ``inspect_model_file(path)``
     What the safe scan sees (format, PEFT layout, whether the PEFT config travels).
@@ -48,7 +52,7 @@ import zipfile
 from . import _env
 from .errors import CheckpointError
 
-__all__ = ["load", "unify_dtype", "inspect_model_file", "ModelFileInfo", "POLICIES", "atomic_save"]
+__all__ = ["load", "unify_dtype", "inspect_model_file", "ModelFileInfo", "FileCheck", "POLICIES", "atomic_save"]
 
 POLICIES = ("backbone", "float32")
 _POLICY_ATTR = "_hfpatches_dtype_policy"
@@ -85,27 +89,75 @@ def _backbones(model) -> list:
     kinds = tuple(getattr(mod, n) for n in ("TransformerEmbeddings", "TransformerBaseEmbeddings") if hasattr(mod, n))
     out = []
     for m in model.modules():
-        inner = getattr(m, "model", None)
-        if isinstance(m, kinds) and isinstance(inner, torch.nn.Module) and inner not in out:
-            out.append(inner)
+        if isinstance(m, kinds):
+            inner = getattr(m, "model", None)
+            if isinstance(inner, torch.nn.Module) and inner not in out:
+                out.append(inner)
     return out
 
 
 def _adapter_param_ids(backbone) -> set[int]:
-    from .peft_keys import parse_peft_keys
+    """Parameters of PEFT tuner layers that are not their base layer's (LoRA A/B, ...)."""
+    import sys
 
-    params = dict(backbone.named_parameters(remove_duplicate=False))
-    return {id(params[e.key]) for e in parse_peft_keys(params) if e.kind == "adapter"}
+    tuners = sys.modules.get("peft.tuners.tuners_utils")  # no peft imported: no PEFT model here
+    if tuners is None:
+        return set()
+    out: set[int] = set()
+    for m in backbone.modules():
+        if isinstance(m, tuners.BaseTunerLayer):
+            base = {id(p) for p in m.get_base_layer().parameters()}
+            out.update(id(p) for p in m.parameters() if id(p) not in base)
+    return out
+
+
+def _dominant(params):
+    count: dict = {}
+    for p in params:
+        if p.is_floating_point():
+            count[p.dtype] = count.get(p.dtype, 0) + p.numel()
+    return max(count, key=count.get) if count else None
 
 
 def backbone_dtype(backbone):
     """The dtype holding most of the backbone's floating-point weights (adapters not counted)."""
     adapters = _adapter_param_ids(backbone)
-    count: dict = {}
-    for p in backbone.parameters():
-        if p.is_floating_point() and id(p) not in adapters:
-            count[p.dtype] = count.get(p.dtype, 0) + p.numel()
-    return max(count, key=count.get) if count else None
+    return _dominant(p for p in backbone.parameters() if id(p) not in adapters)
+
+
+class _Plan:
+    """What unify_dtype walks, computed once per model structure (keyed by its modules' ids):
+    the backbones' base parameters, and (module, tensor name) slots outside / inside them."""
+
+    __slots__ = ("sig", "bases", "outside", "inside", "__weakref__")
+
+    def __init__(self, model, sig):
+        self.sig = sig
+        backbones = _backbones(model)
+        self.bases = []
+        for b in backbones:
+            adapters = _adapter_param_ids(b)
+            self.bases.append([p for p in b.parameters() if id(p) not in adapters])
+        inner = {id(m) for b in backbones for m in b.modules()}
+        self.outside, self.inside = [], []
+        for m in model.modules():
+            slots = [(m, n, True) for n, _ in m.named_parameters(recurse=False)]
+            slots += [(m, n, False) for n, _ in m.named_buffers(recurse=False)]
+            (self.inside if id(m) in inner else self.outside).extend(slots)
+
+
+_PLANS: dict = {}
+
+
+def _plan(model) -> _Plan:
+    import weakref
+
+    sig = tuple(map(id, model.modules()))
+    cache = _PLANS.setdefault("plans", weakref.WeakKeyDictionary())
+    plan = cache.get(model)
+    if plan is None or plan.sig != sig:
+        plan = cache[model] = _Plan(model, sig)
+    return plan
 
 
 def unify_dtype(model, policy: str | None = None):
@@ -115,31 +167,30 @@ def unify_dtype(model, policy: str | None = None):
     pol = resolve_policy(policy, model)
     if policy is not None:
         object.__setattr__(model, _POLICY_ATTR, pol)
-    backbones = _backbones(model)
-    if not backbones:
+    plan = _plan(model)
+    if not plan.bases:
         return None
     if pol == "float32":
-        target, skip = torch.float32, set()
+        target, slots = torch.float32, plan.outside + plan.inside
     else:
-        dtypes = [d for d in (backbone_dtype(b) for b in backbones) if d is not None]
+        dtypes = [d for d in map(_dominant, plan.bases) if d is not None]
         if not dtypes:
             return None
         target = dtypes[0]
         for d in dtypes[1:]:
             target = torch.promote_types(target, d)
-        skip = {id(m) for b in backbones for m in b.modules()}
+        slots = plan.outside
     with torch.no_grad():
-        for m in model.modules():
-            if id(m) in skip:
+        for m, name, is_param in slots:
+            t = getattr(m, name)
+            if t is None or not t.is_floating_point() or t.dtype == target:
                 continue
-            for name, p in m.named_parameters(recurse=False):
-                if p.is_floating_point() and p.dtype != target:
-                    p.data = p.data.to(target)
-                    if p.grad is not None:
-                        p.grad = p.grad.to(target)
-            for name, b in m.named_buffers(recurse=False):
-                if b is not None and b.is_floating_point() and b.dtype != target:
-                    setattr(m, name, b.to(target))
+            if is_param:
+                t.data = t.data.to(target)
+                if t.grad is not None:
+                    t.grad = t.grad.to(target)
+            else:
+                setattr(m, name, t.to(target))
     return target
 
 
@@ -150,20 +201,63 @@ class ModelFileInfo:
     ``format``: ``"zip"`` (torch >= 1.6) or ``"legacy"`` (the old torch format: not checked);
     ``peft_roots``: outer key parts before ``base_model.model.`` (``["embeddings.model."]``);
     ``adapters``: adapter names in the keys; ``wrapped``: names of the wrapped layers
-    (``["query", "value"]``); ``has_peft_config``: the embeddings' params carry a PEFT config.
+    (``["query", "value"]``); ``has_peft_config``: the embeddings' params carry a PEFT config;
+    ``legacy_peft``: PEFT-wrapped weights without it. The pickle's opcodes are walked only when
+    an answer needs its strings (a file without PEFT names, or with a config, needs no walk).
     """
 
-    __slots__ = ("path", "format", "peft_roots", "adapters", "wrapped", "has_peft_config")
+    __slots__ = ("path", "format", "_data", "_strings")
 
-    def __init__(self, path, format, peft_roots=(), adapters=(), wrapped=(), has_peft_config=False):
-        self.path, self.format = path, format
-        self.peft_roots, self.adapters, self.wrapped = list(peft_roots), sorted(adapters), sorted(wrapped)
-        self.has_peft_config = has_peft_config
+    def __init__(self, path, format, data: bytes = b""):
+        self.path, self.format, self._data, self._strings = path, format, data, None
+
+    def strings(self) -> list[str]:
+        """Every text constant of the pickle (keys, names), by walking its opcodes: parsed, never run."""
+        if self._strings is None:
+            out: list[str] = []
+            try:
+                for op, arg, _pos in pickletools.genops(self._data):
+                    if isinstance(arg, str) and op.name.endswith("UNICODE"):
+                        out.append(arg)
+            except Exception as e:  # noqa: BLE001 - any parse failure means a damaged pickle
+                raise _bad(self.path, f"its pickle does not parse ({type(e).__name__}: {e})") from e
+            self._strings = out
+        return self._strings
+
+    def _entries(self):
+        from .peft_keys import PEFT_ROOT, parse_peft_keys
+
+        if PEFT_ROOT.encode() not in self._data:
+            return []
+        return parse_peft_keys(s for s in self.strings() if PEFT_ROOT in s and " " not in s)
+
+    @property
+    def peft_roots(self) -> list[str]:
+        from .peft_keys import PEFT_ROOT
+
+        return sorted({e.key[: e.key.index(PEFT_ROOT)] for e in self._entries()})
+
+    @property
+    def adapters(self) -> list[str]:
+        return sorted({e.adapter for e in self._entries() if e.kind in ("adapter", "copy") and e.adapter})
+
+    @property
+    def wrapped(self) -> list[str]:
+        return sorted({e.rel_module.rsplit(".", 1)[-1] for e in self._entries() if e.kind == "adapter"})
+
+    @property
+    def has_peft_config(self) -> bool:
+        # the key strings as the pickle stores them (SHORT_BINUNICODE / BINUNICODE opcode + length)
+        for key in (b"peft_config", MULTI_ADAPTER_KEY.encode()):
+            if (b"\x8c" + bytes([len(key)]) + key in self._data
+                    or b"X" + len(key).to_bytes(4, "little") + key in self._data):
+                return True
+        return False
 
     @property
     def legacy_peft(self) -> bool:
         """PEFT-wrapped weights but no PEFT config: written by unpatched flair (#3623)."""
-        return bool(self.peft_roots) and not self.has_peft_config
+        return not self.has_peft_config and bool(self.peft_roots)
 
     def __repr__(self) -> str:
         return (f"ModelFileInfo({self.path!r}, format={self.format}, peft_roots={self.peft_roots}, "
@@ -175,8 +269,54 @@ def _bad(path: str, what: str) -> CheckpointError:
                            "nothing was loaded from it. Restore it from a good copy or save the model again.")
 
 
-def inspect_model_file(path) -> ModelFileInfo:
-    """Check ``path`` and read its key names without unpickling (see the module docs)."""
+def inspect_model_file(path, *, verify: bool = True) -> ModelFileInfo:
+    """Check ``path`` and read its key names without unpickling (see the module docs).
+    ``verify=False`` skips the CRC-32 pass over the tensor data (the zip directory and the pickle
+    are still checked)."""
+    info, members = _scan(path)
+    info.strings()  # the whole pickle parses
+    if verify:
+        _verify(path, members)
+    return info
+
+
+class FileCheck:
+    """:func:`inspect_model_file` in two steps: ``info`` (zip directory, pickle) at once, and the
+    CRC-32 pass over the tensor data on a background thread once :meth:`start`\ ed - reading and
+    ``zlib.crc32`` release the GIL, so it runs beside flair's own load instead of before it.
+    :meth:`result` waits for it (runs it, if never started) and raises what it found."""
+
+    def __init__(self, path) -> None:
+        self.path = os.fspath(path)
+        self.info, self._members = _scan(self.path)
+        self._error: BaseException | None = None
+        self._thread = None
+
+    def start(self) -> FileCheck:
+        import threading
+
+        self._thread = threading.Thread(target=self._run, name="hfpatches-crc", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            _verify(self.path, self._members)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller in result()
+            self._error = e
+
+    def result(self) -> ModelFileInfo:
+        if self._thread is None:
+            self._run()
+        else:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.info
+
+
+def _scan(path) -> tuple[ModelFileInfo, list]:
+    """Zip directory + pickle opcodes (no unpickling); returns the members the CRC pass reads."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
@@ -184,7 +324,7 @@ def inspect_model_file(path) -> ModelFileInfo:
         with open(path, "rb") as fh:
             head = fh.read(2)
         if head[:1] == b"\x80":  # a pickle stream: torch's pre-1.6 format, which has no checksums
-            return ModelFileInfo(path, "legacy")
+            return ModelFileInfo(path, "legacy"), []
         raise _bad(path, "not a torch zip archive (no zip directory at its end)")
     try:
         with zipfile.ZipFile(path) as zf:
@@ -192,35 +332,24 @@ def inspect_model_file(path) -> ModelFileInfo:
             pkl = [i for i in infos if i.filename.endswith("data.pkl")]
             if not pkl:
                 raise _bad(path, "a zip file without the data.pkl of a torch archive")
-            for info in infos:  # every member, CRC-32 checked (torch.load does not)
-                if info.CRC == 0 and info.file_size:
-                    continue  # written with torch's CRC computation switched off: nothing to check
-                with zf.open(info) as fh:
-                    while fh.read(1 << 22):
-                        pass
-            data = zf.read(pkl[0])
+            data = zf.read(pkl[0])  # CRC-checked by zipfile
     except (zipfile.BadZipFile, EOFError, ValueError) as e:  # OSError (permissions, I/O) propagates as is
         raise _bad(path, f"{type(e).__name__}: {e}") from e
-    strings: list[str] = []
+    # written with torch's CRC computation switched off (CRC 0): nothing to check there
+    members = [i.filename for i in infos if i is not pkl[0] and not (i.CRC == 0 and i.file_size)]
+    return ModelFileInfo(path, "zip", data), members
+
+
+def _verify(path: str, members) -> None:
+    """Read every member through zipfile, which checks its CRC-32 (torch.load does not)."""
     try:
-        for op, arg, _pos in pickletools.genops(data):  # parses opcodes; executes nothing
-            if isinstance(arg, str) and op.name.endswith("UNICODE"):
-                strings.append(arg)
-    except Exception as e:  # noqa: BLE001 - any parse failure means a damaged pickle
-        raise _bad(path, f"its pickle does not parse ({type(e).__name__}: {e})") from e
-    return _info_from_strings(path, strings)
-
-
-def _info_from_strings(path: str, strings) -> ModelFileInfo:
-    from .peft_keys import PEFT_ROOT, parse_peft_keys
-
-    keys = [s for s in strings if PEFT_ROOT in s and " " not in s]
-    entries = parse_peft_keys(keys)
-    roots = sorted({e.key[: e.key.index(PEFT_ROOT)] for e in entries})
-    adapters = {e.adapter for e in entries if e.kind in ("adapter", "copy") and e.adapter}
-    wrapped = {e.rel_module.rsplit(".", 1)[-1] for e in entries if e.kind == "adapter"}
-    has_cfg = "peft_config" in strings or MULTI_ADAPTER_KEY in strings
-    return ModelFileInfo(path, "zip", roots, adapters, wrapped, has_cfg)
+        with zipfile.ZipFile(path) as zf:
+            for name in members:
+                with zf.open(name) as fh:
+                    while fh.read(1 << 23):
+                        pass
+    except (zipfile.BadZipFile, EOFError, ValueError, KeyError) as e:
+        raise _bad(path, f"{type(e).__name__}: {e}") from e
 
 
 def legacy_message(where: str, info: ModelFileInfo | None = None, roots=(), wrapped=()) -> str:
@@ -280,14 +409,15 @@ def check_state(state: dict, where: str | None = None) -> None:
                                              wrapped=sorted(wrapped)))
 
 
-def _inject(state: dict, peft_config, where: str) -> None:
+def _inject(state: dict, peft_config, where: str) -> bool:
+    """Put ``peft_config`` into the transformer params that lack one; True if it did."""
     roots, with_cfg, without, adapters, _ = state_peft_status(state)
     need = len(roots) - len(with_cfg)
     if need <= 0:
         import warnings
 
-        warnings.warn(f"{where} carries its own PEFT config; the peft_config passed in is not used", stacklevel=3)
-        return
+        warnings.warn(f"{where} carries its own PEFT config; the peft_config passed in is not used", stacklevel=4)
+        return False
     if need != len(without):
         raise CheckpointError(f"{where}: {need} PEFT-wrapped transformer(s) without a config but {len(without)} "
                               "transformer embeddings without one: cannot tell which to rebuild with peft_config")
@@ -296,6 +426,7 @@ def _inject(state: dict, peft_config, where: str) -> None:
                               "hfpatches.flair.load rebuilds that one")
     for params in without:
         params["peft_config"] = copy.deepcopy(peft_config)
+    return True
 
 
 # ----------------------------------------------------------------------------- load / save
@@ -355,9 +486,21 @@ def load(path, peft_config=None, *, model_class=None, dtype_policy: str | None =
     path = os.fspath(path)
     if dtype_policy is not None:
         resolve_policy(dtype_policy)  # a bad value fails before any work
-    info = inspect_model_file(path)
-    if info.legacy_peft and peft_config is None:
-        raise CheckpointError(legacy_message(path, info))
+    check = FileCheck(path)
+    if check.info.legacy_peft and peft_config is None:
+        raise CheckpointError(legacy_message(path, check.info))
+    check.start()
+    try:
+        model = _load_checked(path, peft_config, model_class)
+    except BaseException:
+        check.result()  # a damaged file explains the failure better than what it caused
+        raise
+    check.result()
+    unify_dtype(model, dtype_policy)
+    return model
+
+
+def _load_checked(path: str, peft_config, model_class):
     from flair.file_utils import load_torch_state  # flair's own loader (see the module docs)
 
     try:
@@ -366,11 +509,7 @@ def load(path, peft_config=None, *, model_class=None, dtype_policy: str | None =
         raise _bad(path, f"flair could not read it ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a flair model file (it holds a {type(state).__name__})")
-    injected = False
-    if peft_config is not None:
-        before = [id(p.get("peft_config")) for p in _transformer_params(state)]
-        _inject(state, peft_config, path)
-        injected = before != [id(p.get("peft_config")) for p in _transformer_params(state)]
+    injected = peft_config is not None and _inject(state, peft_config, path)
     cls = model_class or _model_class(state, path)
     try:
         with loading_file(path, injected):
@@ -379,17 +518,22 @@ def load(path, peft_config=None, *, model_class=None, dtype_policy: str | None =
         if _STATE_DICT_ERROR in str(e):
             raise state_dict_error(path, e, injected) from e
         raise
-    unify_dtype(model, dtype_policy)
     return model
 
 
-def atomic_save(path, write) -> None:
+def atomic_save(path, write, *, durable: bool = False) -> None:
     """``write(tmp_path)`` writes the file; it then replaces ``path`` in one step (``os.replace``).
 
     The temporary file sits beside the target (same file system), is created with the mode a
-    plain ``open(path, "w")`` would give (or the existing file's mode), is flushed to disk before
-    the rename, and is removed if anything fails: an interrupted save leaves the previous file as
-    it was. A symlinked target is replaced at the link's destination, as a direct write would."""
+    plain ``open(path, "w")`` would give (or the existing file's mode), and is removed if anything
+    fails: a save interrupted mid-write (an exception, a full disk, a killed process) leaves the
+    previous file as it was, and a reader never sees a half-written file. A symlinked target is
+    replaced at the link's destination, as a direct write would.
+
+    ``durable=True`` also flushes the data (``fdatasync``) and the directory entry (``fsync``)
+    before returning: the new file survives a power loss on any file system. That waits for the
+    disk (about 60 ms per 90 MB here), so it is off by default; ext4's default ``auto_da_alloc``
+    already writes a file's data before a rename that replaces another file is committed."""
     dest = os.path.realpath(os.fspath(path))
     directory, base = os.path.split(dest)
     tmp = os.path.join(directory, f".{base}.{os.getpid()}.{os.urandom(4).hex()}.hfpatches-tmp")
@@ -397,11 +541,8 @@ def atomic_save(path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if durable:
+            _sync(tmp, data_only=True)
         if os.path.exists(dest):
             os.chmod(tmp, stat.S_IMODE(os.stat(dest).st_mode))
         os.replace(tmp, dest)
@@ -409,9 +550,14 @@ def atomic_save(path, write) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    if durable:
+        with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
+            _sync(directory)
+
+
+def _sync(path: str, data_only: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        (getattr(os, "fdatasync", os.fsync) if data_only else os.fsync)(fd)
+    finally:
+        os.close(fd)

@@ -41,11 +41,12 @@ What changes (all through ``ctx.wrap``; ``revert`` restores every original exact
       (a bf16-loaded model upcast to float32 would otherwise reload in bf16 and round the weights).
     * ``TransformerEmbeddings.from_params`` rebuilds the ``hfpatches_peft`` adapters (named, the
       active one set) on the transformer it built, before flair loads the weights.
-    * ``Model.save``: flair's own save into a temporary file beside the target, fsync, then
-      ``os.replace`` (:func:`hfpatches.flair.atomic_save`).
+    * ``Model.save``: flair's own save into a temporary file beside the target, then ``os.replace``
+      (:func:`hfpatches.flair.atomic_save`): atomic, not fsync'ed (see there for the trade-off).
     * ``Model.load`` (every flair model class loads through it): a local file is checked first
       without unpickling (:func:`hfpatches.flair.inspect_model_file`: CRC-32 of every member,
-      pickle opcodes walked, not executed); a truncated/corrupted file, or a PEFT file written by
+      pickle opcodes walked, not executed; the CRC pass runs on a thread beside flair's own load and
+      is waited for before the model is returned); a truncated/corrupted file, or a PEFT file written by
       unpatched flair (no config: LoRA's ``lora_alpha`` is not in the weights), raises
       :class:`hfpatches.errors.CheckpointError` naming the file and the fix
       (``hfpatches.flair.load(path, peft_config=...)``). A state-dict mismatch also becomes a
@@ -158,28 +159,32 @@ def _load(wrapped, cls, args, kwargs):
     import os
 
     from ..errors import CheckpointError
-    from ..flair import (_STATE_DICT_ERROR, check_state, inspect_model_file, legacy_message, loading_file,
-                         state_dict_error, unify_dtype)
+    from ..flair import (_STATE_DICT_ERROR, FileCheck, check_state, legacy_message, loading_file, state_dict_error,
+                         unify_dtype)
 
     src = args[0] if args else kwargs.get("model_path")
-    path = None
+    check = None
     if isinstance(src, (str, os.PathLike)) and os.path.isfile(src):
-        path = os.fspath(src)
-        info = inspect_model_file(path)
-        if info.legacy_peft:
-            raise CheckpointError(legacy_message(path, info))
+        check = FileCheck(src)
+        if check.info.legacy_peft:
+            raise CheckpointError(legacy_message(check.path, check.info))
+        check.start()  # the CRC-32 pass runs beside flair's load; waited for before returning
     elif isinstance(src, dict):
         check_state(src)
     try:
-        if path is not None:
-            with loading_file(path):
+        if check is not None:
+            with loading_file(check.path):
                 model = wrapped(*args, **kwargs)
         else:
             model = wrapped(*args, **kwargs)
-    except RuntimeError as e:
-        if _STATE_DICT_ERROR in str(e):
-            raise state_dict_error(path, e) from e
+    except BaseException as e:
+        if check is not None:
+            check.result()  # a damaged file explains the failure better than what it caused
+        if isinstance(e, RuntimeError) and _STATE_DICT_ERROR in str(e):
+            raise state_dict_error(check.path if check else None, e) from e
         raise
+    if check is not None:
+        check.result()  # a model built from a file that fails its CRC is never returned
     unify_dtype(model)
     return model
 

@@ -84,16 +84,11 @@ def test_float32_policy_on_cuda(tmp_path, monkeypatch):
 
 
 def test_bf16_mean_pooling_on_cuda():
-    from flair.data import Sentence
-
-    text = "Tokenization of unbelievably long words works"
     emb = demo.embeddings("word", dtype=torch.bfloat16, peft=False, subtoken_pooling="mean")
     with pytest.raises(RuntimeError, match="scatter"):
-        emb.embed(Sentence(text))
+        demo.mean_pooled(emb)
     hfpatches.apply(only=[PID])
-    s = Sentence(text)
-    emb.embed(s)
-    got = torch.stack([t.get_embedding() for t in s])
+    got = demo.mean_pooled(emb)
     assert got.dtype == torch.bfloat16 and got.device.type == "cuda" and torch.isfinite(got.float()).all()
 
 

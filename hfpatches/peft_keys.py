@@ -452,9 +452,13 @@ def peft_state_dict(state_dict, to: str = "plain", *, merge: bool = False, adapt
     if _is_peft_model(state_dict):
         model = state_dict
         cfg = _as_config(config if config is not None else model, adapter_name)
+        if _cfg(cfg, "is_prompt_learning", False):  # prompt learning leaves the model's own keys alone
+            if merge:
+                raise CheckpointError("merge=True: a prompt-learning adapter has no weights to fold into the model")
+            return dict(model.base_model.state_dict())
         full = {PEFT_ROOT + k: v for k, v in model.base_model.model.state_dict().items()}
         get_base = _peft_fn("get_base_model_state_dict")
-        if get_base is None or _cfg(cfg, "is_prompt_learning", False):
+        if get_base is None:
             return _to_plain(full, merge=merge, adapter_name=adapter_name, config=cfg)
         if not merge:
             return dict(get_base(model))

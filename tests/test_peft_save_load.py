@@ -13,6 +13,7 @@ import importlib.util
 import math
 import os
 import shutil
+import warnings
 
 import pytest
 
@@ -53,8 +54,6 @@ def tiny_bert(seed: int = 0, **over):
 
 def wrap(model, cfg, adapter_name="default", seed=1):
     """get_peft_model + random (non-zero) adapter weights, so merges change something."""
-    import warnings
-
     from peft import get_peft_model
 
     with warnings.catch_warnings():
@@ -173,6 +172,19 @@ def test_errors_name_the_problem():
     with pytest.raises(CheckpointError, match="does not wrap"):
         hfpatches.peft_state_dict(hfpatches.peft_state_dict(sd), "peft",
                                   config=LoraConfig(r=2, target_modules=["key"]), adapters=sd)
+
+
+def test_prompt_learning_keeps_the_models_own_keys():
+    from peft import PromptTuningConfig, get_peft_model
+
+    base = tiny_bert()
+    want = {k: v.clone() for k, v in base.state_dict().items()}
+    with warnings.catch_warnings():  # transformers 5 deprecation noise from inside peft
+        warnings.simplefilter("ignore", FutureWarning)
+        pm = get_peft_model(base, PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=2))
+    assert same_tensors(hfpatches.peft_state_dict(pm), want)
+    with pytest.raises(CheckpointError, match="prompt-learning"):
+        hfpatches.peft_state_dict(pm, merge=True)
 
 
 def test_outer_root_keys_pass_through():
@@ -624,20 +636,12 @@ def test_float32_policy_by_env_and_by_keyword(demo, tmp_path, monkeypatch):
 def test_bf16_mean_subtoken_pooling_sibling_bug(demo):
     """flair #3651's sibling: subtoken_pooling="mean" in bf16 fails in scatter_add; patched it
     pools in float32 and returns bf16, close to the float32 model."""
-    from flair.data import Sentence
-
-    text = "Tokenization of unbelievably long words works"
     bf = demo.embeddings("word", dtype=torch.bfloat16, peft=False, subtoken_pooling="mean")
     with pytest.raises(RuntimeError, match="scatter"):
-        bf.embed(Sentence(text))
+        demo.mean_pooled(bf)
     hfpatches.apply(only=[PID])
-    s = Sentence(text)
-    bf.embed(s)
-    got = torch.stack([t.get_embedding() for t in s])
-    assert got.dtype == torch.bfloat16 and got.shape[0] == len(s) == 6
-    ref_emb = demo.embeddings("word", peft=False, subtoken_pooling="mean")
-    r = Sentence(text)
-    ref_emb.embed(r)
-    ref = torch.stack([t.get_embedding() for t in r])
+    got = demo.mean_pooled(bf)
+    assert got.dtype == torch.bfloat16 and got.shape[0] == 6
+    ref = demo.mean_pooled(demo.embeddings("word", peft=False, subtoken_pooling="mean"))
     cos = torch.nn.functional.cosine_similarity(got.float(), ref, dim=-1)
     assert float(cos.min()) > 0.99, cos

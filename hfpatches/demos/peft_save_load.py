@@ -36,15 +36,18 @@ def lora_config(**over):
 
 @contextlib.contextmanager
 def quiet():
-    """flair's INFO lines (trainable params, ...) and transformers' warnings off for the block."""
+    """flair's INFO lines (trainable params, ...), Python warnings, transformers' log and progress
+    bars off for the block; all restored after."""
     import logging
     import warnings
+
+    from ..patches.strict_loads import _Quiet  # transformers' verbosity + progress bars
 
     log = logging.getLogger("flair")
     level = log.level
     log.setLevel(logging.WARNING)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _Quiet():
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -136,6 +139,19 @@ def scores(model, texts=None) -> list[tuple]:
     return out
 
 
+MEAN_TEXT = "Tokenization of unbelievably long words works"  # 6 words, several split into sub-tokens
+
+
+def mean_pooled(emb, text: str = MEAN_TEXT):
+    """Token embeddings of ``text`` from ``emb`` (subtoken_pooling="mean"), stacked: (words, dim)."""
+    import torch
+    from flair.data import Sentence
+
+    s = Sentence(text)
+    emb.embed(s)
+    return torch.stack([t.get_embedding() for t in s])
+
+
 def max_diff(a, b) -> float:
     return max(abs(x[1] - y[1]) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
 
@@ -204,7 +220,8 @@ def run(say) -> bool:
         from .._models import minilm_dir
 
         torch.manual_seed(0)
-        pm = get_peft_model(BertModel.from_pretrained(minilm_dir()), lora_config())
+        with quiet():
+            pm = get_peft_model(BertModel.from_pretrained(minilm_dir()), lora_config())
         with torch.no_grad():
             for n, p in pm.named_parameters():
                 if "lora_B" in n:

@@ -71,10 +71,16 @@ def same_tensors(a: dict, b: dict) -> bool:
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_lazy_attribute_and_public_api():
+def test_lazy_attribute_and_public_api(py):
     from hfpatches import peft_keys
 
     assert hfpatches.peft_state_dict is peft_keys.peft_state_dict
+    out = py("""
+import sys, hfpatches
+mod = hfpatches.flair
+print("OUT", mod.__name__, callable(mod.load), callable(mod.unify_dtype), "flair" in sys.modules)
+""").stdout
+    assert "OUT hfpatches.flair True True False" in out  # the helper module imports flair only when used
     with pytest.raises(ValueError, match="'plain' or 'peft'"):
         hfpatches.peft_state_dict({}, to="merged")
 

@@ -9,6 +9,7 @@ triton with liger); one child runs all four model families to pay the imports on
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -317,8 +318,9 @@ def test_flash_kwargs_reach_the_decoder_and_attention(stack, kind):
     assert not model.model._forward_pre_hooks
 
 
-def test_hand_off_only_adds_what_the_decoder_accepts(stack, lu):
+def test_hand_off_only_adds_what_the_decoder_accepts(stack, lu, caplog, monkeypatch):
     _affected_only(stack)
+    monkeypatch.setitem(lfk._state, "told", set())
     _apply()
 
     class NoKwargs(torch.nn.Module):           # like Qwen2VLModel / MllamaTextModel in 4.51
@@ -346,6 +348,13 @@ def test_hand_off_only_adds_what_the_decoder_accepts(stack, lu):
     cu = torch.tensor([0, 2], dtype=torch.int32)
     assert wrapped(Outer(NoKwargs()), input_ids=1, cu_seq_lens_q=cu) == 1
     assert wrapped(Outer(Named()), input_ids=1, cu_seq_lens_q=cu, max_length_q=2) is cu
+    # TRL 0.17's form (a batch dimension; trl#3243): not handed on, told once
+    caplog.set_level(logging.INFO, logger="hfpatches.liger_flash_kwargs")
+    for _ in range(2):
+        assert wrapped(Outer(Named()), input_ids=1, cu_seq_lens_q=cu[None]) is None
+    told = [r.getMessage() for r in caplog.records if "not handed" in r.getMessage()]
+    assert len(told) == 1 and "cu_seq_lens_q is a 2-D int32 tensor" in told[0], told
+    assert lfk.malformed({"max_length_q": torch.tensor([2])}, torch) == "max_length_q is a Tensor, not an int"
     hfpatches.revert([PID])                     # not live: a pass-through
     assert wrapped(Outer(Named()), input_ids=1, cu_seq_lens_q=cu) is None
 
@@ -365,12 +374,18 @@ logging.getLogger("hfpatches.liger_flash_kwargs").setLevel(logging.INFO)
 tok = D.tokenizer()
 batch, producer = D.packed_batch(tok)
 out = {"producer": producer, "keys": sorted(batch), "kinds": {}}
-for kind in D.KINDS:
+for kind in D.KINDS:   # the batch exactly as TRL's collator built it
     out["kinds"][kind] = D.parity(D.tiny_model(kind, len(tok)), kind, batch)
+out["raw_logs"] = list(logs)
+documented = D.documented_form(batch)
+with torch.no_grad():   # loss only from here on: gradients are covered above
+    out["documented"] = D.parity(D.tiny_model("llama", len(tok)), "llama", documented, grads=False)
 # Liger applied before hfpatches: the loss fix still covers it, and an INFO record says why the
 # decoder does not get the keys there
 logs.clear()
-out["liger_first"] = D.parity(D.tiny_model("llama", len(tok)), "llama", batch, liger_first=True)
+with torch.no_grad():
+    out["liger_first"] = D.parity(D.tiny_model("llama", len(tok)), "llama", documented, grads=False,
+                                  liger_first=True)
 out["liger_first_logs"] = list(logs)
 # a Liger model module imported lazily after apply (olmo2: inside apply_liger_kernel_to_olmo2)
 import sys
@@ -406,22 +421,26 @@ def kernel_results():
 
 
 def _check_parity(stack, r, *, loss_rel=1e-6, grad=1e-5, handed_off=True):
+    """``handed_off``: on the affected stack, do the keys reach the decoder with the patch?"""
     if stack == "affected":
         assert r["before_error"] and "unexpected keyword argument 'cu_seq_lens_q'" in r["before_error"], r
         # Liger 0.5.6 drops them before self.model(...)
         assert r["before_decoder_keys"] == [] and r["before_keys"] == [], r
         assert r["outcome"] == "APPLIED", r
-    else:
+        if handed_off:
+            assert r["after_decoder_keys"] == sorted(KEYS) and r["after_keys"] == r["ref_keys"], r
+        else:
+            assert r["after_decoder_keys"] == [] and r["after_keys"] == [], r
+    else:   # liger 0.8.x passes them to the decoder itself
         assert r["before_error"] is None and r["outcome"] == "NOT_AFFECTED", r
-        assert r["before_decoder_keys"] == sorted(KEYS) and r["before_keys"] == r["ref_keys"], r
-        assert r["before_loss"] is not None and abs(r["before_loss"] - r["after_loss"]) <= 1e-6 * r["ref_loss"]
+        assert r["before_decoder_keys"] == sorted(KEYS) == r["after_decoder_keys"], r
+        assert r["before_keys"] == r["after_keys"] == r["ref_keys"], r
+        assert abs(r["before_loss"] - r["after_loss"]) <= 1e-6 * r["ref_loss"], r
     assert r["after_error"] is None, r
     assert r["rel"] <= loss_rel, r
     if grad is not None:
         assert r["grad_diff"] <= grad, r
     assert r["ref_decoder_keys"] == sorted(KEYS), r
-    if handed_off:
-        assert r["after_decoder_keys"] == sorted(KEYS) and r["after_keys"] == r["ref_keys"], r
     if r["kind"] in PASSES_TO_ATTENTION:
         assert r["ref_keys"] == sorted(KEYS), r
 
@@ -430,22 +449,29 @@ def _check_parity(stack, r, *, loss_rel=1e-6, grad=1e-5, handed_off=True):
 def test_real_flce_kernel_parity(stack, kernel_results, kind):
     """tiny random <kind>, real apply_liger_kernel_to_<kind>(), train(), a batch from TRL's real
     padding-free collator on SmolLM2's tokenizer: the TypeError without hfpatches; with it the
-    loss equals plain transformers' (rel <= 1e-6), gradients within 1e-5, and the keys reach
-    attention."""
+    loss equals plain transformers' (rel <= 1e-6) and gradients are within 1e-5. TRL 0.17's keys
+    carry a batch dimension (trl#3243): they are not handed to the decoder, and an INFO record
+    says why."""
     assert set(kernel_results["keys"]) >= set(KEYS)
     assert kernel_results["producer"].startswith("trl ")
-    _check_parity(stack, kernel_results["kinds"][kind])
+    _check_parity(stack, kernel_results["kinds"][kind], handed_off=False)
+    if stack == "affected":
+        told = [m for m in kernel_results["raw_logs"] if "not handed to the decoder" in m]
+        assert len(told) == 1 and "2-D int32 tensor" in told[0] and "trl#3243" in told[0], kernel_results["raw_logs"]
+
+
+def test_real_flce_kernel_documented_keys_reach_attention(stack, kernel_results):
+    """The same batch with its keys in the documented form (1-D cu_seq_lens, int max_length):
+    with the patch they reach the decoder and attention, as with transformers' own forward."""
+    _check_parity(stack, kernel_results["documented"], grad=None, handed_off=True)
 
 
 def test_liger_applied_before_hfpatches(stack, kernel_results):
     r = kernel_results["liger_first"]
+    _check_parity(stack, r, grad=None, handed_off=False)   # documented: that forward predates the patch
     if stack == "affected":
-        _check_parity(stack, r, handed_off=False)
-        assert r["after_decoder_keys"] == [], r   # documented: that forward predates the patch
         assert any("installed before hfpatches" in m and "LlamaForCausalLM" in m
                    for m in kernel_results["liger_first_logs"]), kernel_results["liger_first_logs"]
-    else:
-        _check_parity(stack, r)
 
 
 def test_lazily_imported_liger_model_is_wrapped(stack, kernel_results):
@@ -473,7 +499,7 @@ def test_smollm2_real_weights(stack, py):
     """SmolLM2-135M (real weights) on a packed batch of real text: Liger + hfpatches loss equals
     plain transformers' (rel <= 1e-5); without hfpatches the TypeError (affected)."""
     r = _child(py, SMOLLM_CHILD)
-    _check_parity(stack, r, loss_rel=1e-5, grad=None)
+    _check_parity(stack, r, loss_rel=1e-5, grad=None, handed_off=False)   # TRL 0.17 form: trl#3243
     assert 0.5 < r["ref_loss"] < 15
 
 

@@ -88,6 +88,41 @@ def packed_batch(tok, pairs=PAIRS, device="cpu") -> tuple[dict, str]:
     return out, producer
 
 
+def documented_form(batch) -> dict:
+    """``batch`` with its FlashAttention keys in transformers' documented form (``cu_seq_lens_*``
+    1-D int32, ``max_length_*`` ints), as transformers' ``DataCollatorWithFlattening(
+    return_flash_attn_kwargs=True)`` and TRL >= 0.20 emit them; TRL 0.17 adds a batch dimension
+    (huggingface/trl#3243). Same tokens, same boundaries."""
+    import torch
+
+    out = dict(batch)
+    for k, v in batch.items():
+        if k.startswith("cu_seq_lens"):
+            out[k] = v.reshape(-1).to(dtype=torch.int32)
+        elif k.startswith("max_length"):
+            out[k] = int(v.reshape(-1)[0]) if hasattr(v, "reshape") else int(v)
+    return out
+
+
+def split_packed(batch) -> list[dict]:
+    """The sequences of a padding-free batch, each on its own (input_ids, labels, position_ids)."""
+    cu = batch["cu_seq_lens_q"].reshape(-1).tolist()
+    return [{k: batch[k][:, s:e] for k in ("input_ids", "labels", "position_ids")}
+            for s, e in zip(cu[:-1], cu[1:])]
+
+
+def one_by_one_loss(model, batch) -> float:
+    """The packed batch's loss computed sequence by sequence: the token-weighted mean of each
+    sequence's mean loss (the packed loss is the mean over all its predicted tokens)."""
+    total, count = 0.0, 0
+    for seq in split_packed(batch):
+        n = int((seq["labels"][:, 1:] != -100).sum())
+        if n:
+            total += model(**seq).loss.item() * n
+            count += n
+    return total / count
+
+
 def flash_keys_in(batch) -> list[str]:
     from ..patches.liger_flash_kwargs import flash_keys
 
@@ -129,10 +164,11 @@ def causal_lm_class(kind: str):
     return getattr(transformers, _CLASSES[kind][1])
 
 
-def apply_liger(kind: str, *, flce_only: bool = True) -> None:
+def apply_liger(kind: str, *, flce_only: bool = True, model=None) -> None:
     """Liger's real ``apply_liger_kernel_to_<kind>()``. ``flce_only``: fused linear cross-entropy
     only -- RMSNorm/RoPE/SwiGLU/GeGLU stay transformers' own (Triton's CPU interpreter cannot run
-    those kernels); on a GPU pass False for every default kernel."""
+    those kernels); on a GPU pass False (every default kernel) and ``model`` (Liger then also
+    patches that instance's existing norm/MLP modules)."""
     import inspect
 
     import liger_kernel.transformers as lk
@@ -141,25 +177,36 @@ def apply_liger(kind: str, *, flce_only: bool = True) -> None:
     want = {"fused_linear_cross_entropy": True, "cross_entropy": False}
     if flce_only:
         want.update(rope=False, rms_norm=False, swiglu=False, geglu=False)
+    if model is not None:
+        want["model"] = model
     params = inspect.signature(fn).parameters
     fn(**{k: v for k, v in want.items() if k in params})
 
 
 @contextlib.contextmanager
-def liger_forward(kind: str, *, flce_only: bool = True):
-    """``apply_liger(kind)`` for the duration of the block; the CausalLM class's ``forward`` is
-    put back afterwards (Liger has no revert, and it patches the transformers class globally)."""
+def liger_forward(kind: str, *, flce_only: bool = True, model=None):
+    """``apply_liger(kind, ...)`` for the duration of the block. Liger has no revert and patches
+    transformers globally: the modeling module's attributes (RMSNorm/MLP classes, rotary
+    function) and the CausalLM class's ``forward`` are put back afterwards. (Instance patches
+    made with ``model`` stay on that model.)"""
     cls = causal_lm_class(kind)
+    mod = sys.modules[cls.__module__]
+    saved_mod = dict(vars(mod))
     had = "forward" in vars(cls)
     saved = vars(cls).get("forward")
     try:
-        apply_liger(kind, flce_only=flce_only)
+        apply_liger(kind, flce_only=flce_only, model=model)
         yield cls
     finally:
         if had:
             cls.forward = saved
         elif "forward" in vars(cls):
             del cls.forward
+        for k in [k for k in vars(mod) if k not in saved_mod]:
+            delattr(mod, k)
+        for k, v in saved_mod.items():
+            if vars(mod).get(k) is not v:
+                setattr(mod, k, v)
 
 
 @contextlib.contextmanager
@@ -211,7 +258,8 @@ def _error(fn):
         return None, f"TypeError: {e}"
 
 
-def parity(model, kind: str, batch, *, grads: bool = True, liger_first: bool = False) -> dict:
+def parity(model, kind: str, batch, *, grads: bool = True, liger_first: bool = False,
+           flce_only: bool = True) -> dict:
     """The scenario on one model (needs the real FLCE kernel: a GPU, or TRITON_INTERPRET=1):
 
     * ``ref``: plain transformers' forward (the class's own), loss (+ gradients);
@@ -219,7 +267,8 @@ def parity(model, kind: str, batch, *, grads: bool = True, liger_first: bool = F
     * ``after``: hfpatches applied, then Liger installed (what TRL/Trainer ``use_liger_kernel``
       does: Liger is applied after the script's first lines). With ``liger_first`` Liger stays
       installed from ``before`` instead (its forward predates the patch).
-    Also which FlashAttention keys reached the decoder and attention in each run. The class's forward and
+    Also which FlashAttention keys reached the decoder and attention in each run. ``flce_only``
+    False: every default Liger kernel, on ``model`` too (GPU only). The class's forward and
     the patch are restored on return."""
     import hfpatches
 
@@ -236,7 +285,8 @@ def parity(model, kind: str, batch, *, grads: bool = True, liger_first: bool = F
         res["ref_loss"], ref_grads = run()
     record("ref", seen)
     try:
-        with liger_forward(kind):
+        liger_kw = {"flce_only": flce_only, "model": None if flce_only else model}
+        with liger_forward(kind, **liger_kw):
             with keys_seen(model, keys) as seen:
                 got, res["before_error"] = _error(run)
             res["before_loss"] = got[0] if got else None
@@ -244,7 +294,7 @@ def parity(model, kind: str, batch, *, grads: bool = True, liger_first: bool = F
             rep = hfpatches.apply(only=[PID])
             res["outcome"], res["reason"] = rep[PID].outcome.value, rep[PID].reason
             if not liger_first:
-                apply_liger(kind)
+                apply_liger(kind, **liger_kw)
             with keys_seen(model, keys) as seen:
                 got, res["after_error"] = _error(run)
             record("after", seen)
@@ -262,12 +312,26 @@ def _child() -> None:
     """The kernel part (run with TRITON_INTERPRET=1 on a CPU): SAY lines, then RESULT json."""
     import logging
 
+    import torch
+
+    import hfpatches
+
+    from ..patches.liger_flash_kwargs import malformed
+
+    told: list = []
+
+    class _Told(logging.Handler):
+        def emit(self, record):
+            told.append(record.getMessage())
+
     logging.getLogger("hfpatches").setLevel(logging.WARNING)
+    patch_log = logging.getLogger("hfpatches.liger_flash_kwargs")
+    patch_log.setLevel(logging.INFO)
+    patch_log.propagate = False
+    patch_log.addHandler(_Told())
 
     def say(line: str) -> None:
         print(f"SAY {line}", flush=True)
-
-    import torch
 
     tok = tokenizer()
     batch, producer = packed_batch(tok)
@@ -286,16 +350,31 @@ def _child() -> None:
         say(f"Liger, without hfpatches:               {r['before_error']}")
     else:
         say(f"Liger, without hfpatches:               loss {r['before_loss']:.6f} (no error on this version)")
-    say(f"  FlashAttention keys reaching attention: {r['before_keys'] or 'none'}")
+    say(f"  FlashAttention keys reaching the decoder: {r['before_decoder_keys'] or 'none'}")
     say(f"hfpatches.apply: {r['outcome']} ({r['reason']})")
-    ok = False
-    if r.get("after_loss") is not None:
-        say(f"Liger, with hfpatches:                  loss {r['after_loss']:.6f}  "
-            f"(rel. diff to plain {r['rel']:.2e})")
-        say(f"  FlashAttention keys reaching attention: {r['after_keys'] or 'none'} (of {keys})")
-        ok = r["rel"] <= 1e-5 and (r["outcome"] != "APPLIED" or r["after_keys"] == r["ref_keys"])
-    else:
+    if r.get("after_loss") is None:
         say(f"Liger, with hfpatches:                  {r['after_error']}")
+        print("RESULT " + json.dumps({"ok": False, **r}), flush=True)
+        return
+    say(f"Liger, with hfpatches:                  loss {r['after_loss']:.6f}  "
+        f"(rel. diff to plain {r['rel']:.2e})")
+    say(f"  FlashAttention keys reaching the decoder: {r['after_decoder_keys'] or 'none'}")
+    for line in told:   # why the keys were not handed on (the demo's own Liger-first step aside)
+        if "not handed to the decoder" in line:
+            say(f"  {line.split(': ', 1)[-1]}")
+    ok = r["rel"] <= 1e-5
+    doc = documented_form(batch)
+    if r["outcome"] == "APPLIED" and malformed({k: doc[k] for k in keys}, torch) is None \
+            and malformed({k: batch[k] for k in keys}, torch) is not None:
+        with torch.no_grad(), hfpatches.patched(PID), liger_forward("llama"), keys_seen(model, keys) as seen:
+            loss = model(**doc).loss.item()
+        r["documented"] = {"loss": loss, "decoder_keys": sorted(seen["decoder"]),
+                           "attention_keys": sorted(seen["attention"])}
+        say("same batch, keys in transformers' documented form (1-D int32 cu_seq_lens, int max_length; "
+            "what TRL >= 0.20 emits):")
+        say(f"Liger, with hfpatches:                  loss {loss:.6f}; keys reaching the decoder: "
+            f"{sorted(seen['decoder']) or 'none'}, attention: {sorted(seen['attention']) or 'none'}")
+        ok = ok and sorted(seen["decoder"]) == sorted(keys) and rel(loss, r["ref_loss"]) <= 1e-5
     print("RESULT " + json.dumps({"ok": ok, **r}), flush=True)
 
 

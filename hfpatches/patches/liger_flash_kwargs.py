@@ -54,6 +54,14 @@ The fix
        Mllama text model in 4.51) is left alone -- exactly what transformers' own forward gives
        the decoder for these keys. The pending keys live in a ``ContextVar``, so another thread
        running the same module is never handed them.
+       One guard where transformers has none: keys not in the documented form (``cu_seq_lens_*``
+       1-D integer tensors, ``max_length_*`` ints) are not handed on. TRL 0.17's padding-free
+       collator -- the usual producer on this stack -- emits ``cu_seq_lens_*`` of shape (1, n+1),
+       which ``flash_attn_varlen_func`` rejects (huggingface/trl#3243, open; plain transformers
+       crashes on it with FlashAttention-2). Under Liger 0.5.6 the decoder never saw them, so
+       FlashAttention-2 worked by deriving the boundaries from ``position_ids``; handing them on
+       would turn the loss fix into that crash. Such batches keep the old path (an INFO record
+       says so once); they are not reshaped (that would be fixing TRL's bug, silently).
 
 Probe
     Calls the installed loss entry ``LigerForCausalLMLoss`` on tiny CPU tensors with a
@@ -99,7 +107,7 @@ FALLBACK_FLASH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_le
 _LOGGER = "hfpatches.liger_flash_kwargs"
 
 _flash = frozenset(FALLBACK_FLASH_KEYS)   # replaced by transformers' FlashAttentionKwargs at apply
-_state: dict = {"proxy": None, "ctx": None, "accepted": None, "hooked": set()}
+_state: dict = {"proxy": None, "ctx": None, "accepted": None, "hooked": set(), "told": set()}
 _decoder_keys_cache: dict = {}
 _pending = None                           # ContextVar, created at apply (keeps import light)
 
@@ -194,6 +202,41 @@ def _inject(module, args, kwargs):
     return args, {**kwargs, **missing}
 
 
+def malformed(pending: dict, torch) -> str | None:
+    """Why these keys are not in the form FlashAttention's varlen kernel takes (transformers'
+    ``FlashAttentionKwargs``: ``cu_seq_lens_*`` 1-D integer tensors, ``max_length_*`` ints), or
+    None. TRL 0.17's ``DataCollatorForCompletionOnlyLM(padding_free=True)`` emits
+    ``cu_seq_lens_*`` of shape (1, n+1) and ``max_length_*`` as tensors; handed to
+    ``flash_attn_varlen_func`` they raise "cu_seqlens_q must have shape (batch_size + 1)"
+    (huggingface/trl#3243, open) -- which is what transformers' own forward does with them."""
+    for k, v in pending.items():
+        if k.startswith("cu_seq_lens"):
+            if not (torch.is_tensor(v) and v.dim() == 1 and not v.is_floating_point()):
+                what = f"a {v.dim()}-D {str(v.dtype).replace('torch.', '')} tensor" if torch.is_tensor(v) \
+                    else f"a {type(v).__name__}"
+                return f"{k} is {what}, not a 1-D integer tensor"
+        elif k.startswith("max_length") and not isinstance(v, int):
+            return f"{k} is a {type(v).__name__}, not an int"
+    return None
+
+
+def _not_handed_off(pending: dict, torch) -> bool:
+    """True when the keys are malformed: then the decoder does not get them (it recomputes the
+    boundaries from ``position_ids``, as under Liger 0.5.6 alone) and, once per reason, an INFO
+    record says so. Handing them on would turn a working FlashAttention-2 run into trl#3243."""
+    why = malformed(pending, torch)
+    if why is None:
+        return False
+    if why not in _state["told"]:
+        _state["told"].add(why)
+        _logger().info(
+            "%s: FlashAttention keys not handed to the decoder: %s (FlashAttention's varlen kernel "
+            "would reject them; TRL 0.17's padding-free collator emits this form, huggingface/trl#3243). "
+            "The decoder derives the boundaries from position_ids instead, as without this patch.",
+            PATCH_ID, why)
+    return True
+
+
 def hand_off(wrapped, instance, args, kwargs):
     """Wrapper of Liger's ``lce_forward``: FlashAttention keys also reach ``self.model``."""
     if not kwargs or _flash.isdisjoint(kwargs) or not _live():
@@ -206,7 +249,7 @@ def hand_off(wrapped, instance, args, kwargs):
         return wrapped(*args, **kwargs)
     keys = _decoder_keys(decoder)
     pending = {k: kwargs[k] for k in keys if k in kwargs}
-    if not pending:
+    if not pending or _not_handed_off(pending, torch):
         return wrapped(*args, **kwargs)
     token = _pending.set((decoder, pending))
     # prepend: other pre-hooks (user code) see the call as if lce_forward had passed the keys

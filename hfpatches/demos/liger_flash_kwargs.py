@@ -141,6 +141,7 @@ def tiny_model(kind: str, vocab_size: int, *, seed: int = 0, dtype=None, device=
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256)
     cfg._attn_implementation = attn_implementation
+    cfg.use_cache = False   # training: no KV cache (transformers 5 only masks packed sequences then)
     torch.manual_seed(seed)
     model = getattr(transformers, cls_name)(cfg)
     if dtype is not None:
@@ -149,13 +150,16 @@ def tiny_model(kind: str, vocab_size: int, *, seed: int = 0, dtype=None, device=
 
 
 def smollm2(device="cpu", dtype=None, attn_implementation="sdpa"):
+    """SmolLM2-135M, real weights (the packaged GGUF, dequantized and cached), in train mode."""
     import torch
     from transformers import LlamaForCausalLM
 
     from .._models import smollm2_dir
 
-    return LlamaForCausalLM.from_pretrained(smollm2_dir(), attn_implementation=attn_implementation,
-                                            **dtype_kw(dtype or torch.float32)).to(device).train()
+    model = LlamaForCausalLM.from_pretrained(smollm2_dir(), attn_implementation=attn_implementation,
+                                             **dtype_kw(dtype or torch.float32))
+    model.config.use_cache = False   # training: no KV cache (transformers 5 only masks packed sequences then)
+    return model.to(device).train()
 
 
 def causal_lm_class(kind: str):

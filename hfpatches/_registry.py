@@ -670,7 +670,10 @@ def get_original(name_or_target):
                 found = {}
                 for t in patch.targets:
                     if t.module in sys.modules:
-                        owner, name, _ = t.resolve()
+                        try:
+                            owner, name, _ = t.resolve()
+                        except (AttributeError, KeyError):
+                            continue  # the target does not exist here (e.g. a fixed version): nothing patched
                         found[t.path] = rec.original_of(owner, name)
                 if len(found) == 1:
                     return next(iter(found.values()))

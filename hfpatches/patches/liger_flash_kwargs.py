@@ -13,7 +13,7 @@ The bug
     keyword argument 'cu_seq_lens_q'``. (Eval mode uses ``self.loss_function``, which accepts them.)
     Second half: until 0.6.0 Liger's forward did not hand these keys to ``self.model(...)`` at all,
     so FlashAttention-2 recomputed the sequence boundaries from ``position_ids`` in every layer
-    (a ``.all()`` and an ``.item()`` device sync per layer) -- slower, numerically the same.
+    (device-to-host syncs per layer) -- slower, numerically the same.
 
 Affected
     liger-kernel 0.5.6 (loss_utils arrived with linkedin/Liger-Kernel#614; 0.5.5 had no loss_utils
@@ -29,7 +29,7 @@ The fix
        ``from ...loss_utils import ...``, so replacing that module attribute would reach no model.
        But every one of those captured names is the same function object, and it looks
        ``fixed_fused_linear_cross_entropy`` up in loss_utils' globals *at call time*; no other
-       module binds that name. Wrapping ``loss_utils.fixed_fused_linear_cross_entropy`` therefore
+       module binds that name. Replacing ``loss_utils.fixed_fused_linear_cross_entropy`` therefore
        covers every model, whenever its module was imported (``check`` re-verifies both facts
        before attaching; the tests prove it per model). The wrapper drops every keyword that
        neither ``fixed_fused_linear_cross_entropy`` nor the functional it calls
@@ -69,7 +69,8 @@ Probe
     the ``call`` event of ``liger_fused_linear_cross_entropy`` -- an event CPython emits only
     after the arguments were bound -- so the Triton kernel is never reached, on any machine.
     Bug present <=> ``TypeError`` naming ``cu_seq_lens_q``. The previous trace function (a
-    debugger, coverage) is restored afterwards. Costs well under a millisecond.
+    debugger, coverage) is restored afterwards. Costs well under a millisecond. (The probe
+    checks the loss side; the decoder hand-off is checked by the tests.)
 
 Design decisions
     * Only keys neither function names are dropped. A key the functional accepts but
@@ -84,6 +85,10 @@ Design decisions
     * Revert restores every attribute hfpatches set. A wrapped forward that Liger copied into a
       class while the patch was live stays there (Liger owns that attribute, not hfpatches) and
       becomes a pass-through: it acts only while the loss-side wrapper is installed.
+    * The target is declared on ``liger_kernel.transformers`` (path ``model.loss_utils.<SHARED>``):
+      loss_utils is imported in the middle of that package's ``__init__``, so a post-import hook
+      on loss_utils itself fires while the package is still initialising; the package's hook
+      fires once everything is there, whichever submodule the user imports.
     * In range: liger-kernel 0.5.6 only. 0.5.7-0.5.x no longer raise but still drop the keys
       before the decoder (performance only); this patch does not touch them.
 """

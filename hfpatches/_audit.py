@@ -50,7 +50,8 @@ _INCLUDES = {"-r": "requirement", "--requirement": "requirement",
              "-c": "constraint", "--constraint": "constraint"}
 _EDITABLE = {"-e", "--editable"}
 #: ``name==<something packaging does not accept>``: the pin is there, its version does not parse
-_BAD_VERSION = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*(===?)\s*([^\s;,]+)\s*(?:;(.*))?$")
+_BAD_VERSION = re.compile(r"^\s*([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)\s*(?:\[[^\]]*\])?\s*==\s*"
+                          r"([^\s;,=]+)\s*(?:;(.*))?$")
 _TOML_START = re.compile(r"^(\[|[A-Za-z0-9_.-]+\s*=(?!=))")
 _PYLOCK_NAME = re.compile(r"^pylock\.([^.]+\.)?toml$")
 
@@ -250,13 +251,16 @@ def _requirement(ps: PinSet, text: str, source: str) -> None:
         req = Requirement(text)
     except InvalidRequirement as e:
         m = _BAD_VERSION.match(text)
-        if m is None:
-            raise AuditError(f"{source}: cannot parse {text!r}: {str(e).splitlines()[0]}") from None
-        name, op, ver, marker = m.groups()
-        pin = Pin(_canon(name), "bad", text, source, version=ver,
-                  why=f"version {ver!r} does not parse (PEP 440)")
-        _add_with_marker(ps, pin, marker.strip() if marker else None)
-        return
+        if m is not None:   # ``name==<not PEP 440>``: a pin all the same, judged unknown
+            name, ver, marker = m.groups()
+            try:
+                Version(ver)
+            except InvalidVersion:
+                pin = Pin(_canon(name), "bad", text, source, version=ver,
+                          why=f"version {ver!r} does not parse (PEP 440)")
+                _add_with_marker(ps, pin, marker.strip() if marker else None)
+                return
+        raise AuditError(f"{source}: cannot parse {text!r}: {str(e).splitlines()[0]}") from None
     name = _canon(req.name)
     if req.url:
         pin = Pin(name, "direct", text, source, why="a direct URL reference states no version")

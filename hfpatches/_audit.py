@@ -17,8 +17,8 @@ files, ``tomllib`` (Python >= 3.11; ``tomli`` is used where it is installed on o
 Inputs (detected by file name, then by content):
 
 * requirements / constraints files and ``pip freeze`` output (``-`` reads stdin): ``name==version``
-  with extras and environment markers, comments, ``\\`` continuations, ``--hash`` and the other
-  pip options, ``-r``/``-c`` includes (relative to the including file; each file is read once, so
+  with extras and environment markers, comments, ``\\`` continuations, ``${VAR}`` expansion,
+  ``--hash`` and the other pip options, ``-r``/``-c`` includes (relative to the including file; each file is read once, so
   cycles and diamonds are harmless), ``-e`` and direct references (reported ``unknown``). A
   constraint counts as a pin: it fixes the version a package gets if anything installs it.
 * lock files ``uv.lock``, ``poetry.lock``, ``pylock.toml`` / ``pylock.NAME.toml`` (PEP 751).
@@ -185,9 +185,14 @@ def _logical_lines(text: str):
             yield start, line
 
 
+def _expand_env(line: str) -> str:
+    """pip's ``${NAME}`` expansion (upper-case names only; an unset variable stays as written)."""
+    return re.sub(r"\$\{([A-Z0-9_]+)\}", lambda m: os.environ.get(m.group(1), m.group(0)), line)
+
+
 def _split_options(line: str) -> tuple[str, list[str]]:
     """pip's rule: the requirement is the text before the first token that starts with ``-``."""
-    words = line.split(" ")
+    words = line.split()
     for i, w in enumerate(words):
         if w.startswith("-"):
             return " ".join(words[:i]).strip(), shlex.split(" ".join(words[i:]))
@@ -286,7 +291,7 @@ def _read_requirements(ps: PinSet, display: str, text: str, base: str, stack: tu
     for no, line in _logical_lines(text):
         source = f"{display}:{no}"
         try:
-            req, tokens = _split_options(line)
+            req, tokens = _split_options(_expand_env(line))
         except ValueError as e:   # shlex: unbalanced quotes
             raise AuditError(f"{source}: cannot parse {line!r}: {e}") from None
         if req:
@@ -359,9 +364,10 @@ def _toml(display: str, text: str) -> dict:
         try:
             import tomli as tomllib  # the backport, where installed
         except ImportError:
-            raise AuditError(f"{display}: reading lock files needs Python >= 3.11 (tomllib) or the 'tomli' "
-                             f"package; this is Python {sys.version.split()[0]}. Export the lock to a "
-                             "requirements file (e.g. 'uv export', 'poetry export') or run the audit on 3.11+") from None
+            raise AuditError(
+                f"{display}: reading lock files needs Python >= 3.11 (tomllib) or the 'tomli' package; "
+                f"this is Python {sys.version.split()[0]}. Export the lock to a requirements file "
+                "(e.g. 'uv export', 'poetry export') or run the audit on 3.11+") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

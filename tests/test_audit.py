@@ -137,8 +137,17 @@ def test_requirements_statuses(tmp_path, capsys, fake):
     assert r["n"]["status"] == "not-pinned" and r["n"]["pinned"] is None
 
 
+def test_env_vars_expand_like_pip(tmp_path, capsys, fake, monkeypatch):
+    fake(decl("l", "liger-kernel>=0.5.6,<0.5.7"), decl("t", "torch>=2.1"))
+    monkeypatch.setenv("LIGER_VERSION", "0.5.6")
+    monkeypatch.delenv("TORCH_VERSION", raising=False)
+    r = rows([write(tmp_path, "r.txt", "liger-kernel==${LIGER_VERSION}\ntorch==${TORCH_VERSION}\n")], capsys)
+    assert r["l"]["status"] == "affected"
+    assert r["t"]["status"] == "unknown" and "${TORCH_VERSION}" in r["t"]["reason"]
+
+
 def test_local_label_compares_as_release(tmp_path, capsys, fake):
-    # packaging alone says 2.13.0+cpu is NOT > 2.13.0 and NOT < 2.13.0 ... the release decides
+    # an ordered comparison of 2.13.0+cu128 is the one of its release 2.13.0 (PEP 440; packaging agrees)
     fake(decl("above", "torch>2.13.0"), decl("upto", "torch<=2.13.0"), decl("below", "torch<2.13.0"))
     r = rows([write(tmp_path, "r.txt", "torch==2.13.0+cu128\n")], capsys)
     assert r["above"]["status"] == "not-affected"
@@ -172,7 +181,7 @@ def test_loose_and_direct_pins_are_unknown(tmp_path, capsys, fake):
     assert "does not parse" in r["badv"]["reason"] and f"{req}:7" in r["badv"]["reason"]
     # a patch whose range is every version is affected by any pin, loose or not
     assert r["anyv"]["status"] == "affected" and r["anyurl"]["status"] == "affected"
-    rc, out, _ = run([req], capsys)
+    _, out, _ = run([req], capsys)
     assert "direct reference without a package name" in out and f"{req}:9" in out
 
 
@@ -270,10 +279,11 @@ def test_markers_evaluated_for_the_target(tmp_path, capsys, fake):
 def test_markers_default_to_this_interpreter(tmp_path, capsys, fake):
     fake(decl("t", "torch>=2.1"))
     here = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    req = write(tmp_path, "r.txt", f'torch==2.13.0 ; python_version == "{here}"\ntorch==2.0.0 ; python_version != "{here}"\n')
+    req = write(tmp_path, "r.txt", f'torch==2.13.0 ; python_version == "{here}"\n'
+                                   f'torch==2.0.0 ; python_version != "{here}"\n')
     assert rows([req], capsys)["t"]["pinned"] == "2.13.0"
     assert rows([req, "--marker-env", "python_version=2.7"], capsys)["t"]["pinned"] == "2.0.0"
-    rc, out, _ = run([req, "--json"], capsys)
+    _, out, _ = run([req, "--json"], capsys)
     env = json.loads(out)["marker_environment"]
     assert env["python_version"] == here and env["sys_platform"] == sys.platform
 

@@ -266,6 +266,8 @@ def _requirement(ps: PinSet, text: str, source: str) -> None:
                 _add_with_marker(ps, pin, marker.strip() if marker else None)
                 return
         raise AuditError(f"{source}: cannot parse {text!r}: {str(e).splitlines()[0]}") from None
+    if any(not s.version for s in req.specifier):   # packaging < 24 accepts ``name===``
+        raise AuditError(f"{source}: cannot parse {text!r}: a version specifier without a version")
     name = _canon(req.name)
     if req.url:
         pin = Pin(name, "direct", text, source, why="a direct URL reference states no version")

@@ -10,6 +10,10 @@ For every registered patch the answer is one of:
 * ``unknown``: pinned loosely (``>=``, ``~=``, a wildcard, a bare name), by a direct URL or local
   tree, by conflicting pins, or to a version that does not parse; the reason says which.
 
+A patch with several ``requires`` lines (meta_buffers: torch and transformers) is affected only
+when every one is in range; one pinned outside its range makes it not-affected, else a missing one
+makes it not-pinned, else a loose one unknown. The row's ``package``/``pinned`` list each package.
+
 The ranges are the ones the engine checks (``Patch.requires`` / ``Patch.fixed_in`` from the
 registry): one source of truth. Nothing of the stack is imported; only ``packaging`` and, for lock
 files, ``tomllib`` (Python >= 3.11; ``tomli`` is used where it is installed on older Pythons).
@@ -18,9 +22,10 @@ Inputs (detected by file name, then by content):
 
 * requirements / constraints files and ``pip freeze`` output (``-`` reads stdin): ``name==version``
   with extras and environment markers, comments, ``\\`` continuations, ``${VAR}`` expansion,
-  ``--hash`` and the other pip options, ``-r``/``-c`` includes (relative to the including file; each file is read once, so
-  cycles and diamonds are harmless), ``-e`` and direct references (reported ``unknown``). A
-  constraint counts as a pin: it fixes the version a package gets if anything installs it.
+  ``--hash`` and the other pip options, ``-r``/``-c`` includes (relative to the including file;
+  each file is read once, so cycles and diamonds are harmless), ``-e`` and direct references
+  (reported ``unknown``). A constraint counts as a pin: it fixes the version a package gets if
+  anything installs it. Local version labels (``2.13.0+cpu``) compare as their release.
 * lock files ``uv.lock``, ``poetry.lock``, ``pylock.toml`` / ``pylock.NAME.toml`` (PEP 751).
 
 Environment markers are evaluated against the running interpreter (its Python version, platform,

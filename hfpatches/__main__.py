@@ -1,4 +1,4 @@
-"""``python -m hfpatches`` / ``hfpatches``: doctor, list, demo, inspect."""
+"""``python -m hfpatches`` / ``hfpatches``: doctor, audit, list, demo, inspect."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,16 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("doctor", help="versions, then per patch: in range?, probe, outcome, reason")
     d.add_argument("--json", action="store_true")
     d.add_argument("--strict", action="store_true", help="exit 1 if a fix that should be live is not")
+    au = sub.add_parser("audit", help="judge a pin set offline: which patches its pins are affected by")
+    au.add_argument("files", nargs="+", metavar="FILE",
+                    help="requirements/constraints file, pip freeze output ('-': stdin), uv.lock, poetry.lock, "
+                         "pylock.toml")
+    au.add_argument("--json", action="store_true")
+    au.add_argument("--fail-on", default=None, metavar="STATUS[,STATUS]",
+                    help="exit 1 when a patch ends with one of these statuses (e.g. 'affected')")
+    au.add_argument("--marker-env", action="append", metavar="NAME=VALUE",
+                    help="evaluate environment markers for another target (default: this interpreter), "
+                         "e.g. sys_platform=linux; repeatable")
     sub.add_parser("list", help="the registered patches")
     dm = sub.add_parser("demo", help="every bug reproduced, then fixed, on real small models")
     dm.add_argument("--only", default=None, help="comma list of patch ids")
@@ -30,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import _doctor
 
         return _doctor.doctor(args.json, args.strict)
+    if args.cmd == "audit":
+        from . import _audit
+
+        return _audit.main(args)
     if args.cmd == "list":
         from . import _doctor
 

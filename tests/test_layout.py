@@ -117,3 +117,30 @@ def test_every_patch_has_short_docs_and_rationale():
         for section in ("Bug", "Affected", "Upstream", "Probe", "What changes"):
             assert f"\n{section}\n" in doc, f"{pid}: docstring lacks the {section!r} section"
         assert (root / "docs" / "patches" / f"{pid}.md").is_file(), f"{pid}: docs/patches/{pid}.md missing"
+
+
+def test_scaffold_adds_a_patch_without_touching_the_core(tmp_path):
+    """scripts/new_patch.py writes a patch the registry discovers; no core file changes."""
+    import hashlib
+    import shutil
+    import subprocess
+    import sys
+
+    root = PKG.parent
+    shutil.copytree(root / "hfpatches", tmp_path / "hfpatches", ignore=shutil.ignore_patterns("__pycache__"))
+    before = {p.relative_to(tmp_path): hashlib.sha256(p.read_bytes()).hexdigest()
+              for p in (tmp_path / "hfpatches").rglob("*.py")}
+    subprocess.run([sys.executable, str(root / "scripts" / "new_patch.py"), "trivial_fix", "--root", str(tmp_path)],
+                   check=True, capture_output=True, text=True)
+    after = {p.relative_to(tmp_path): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in (tmp_path / "hfpatches").rglob("*.py")}
+    changed = [str(p) for p in before if after.get(p) != before[p]]
+    assert not changed, changed
+    code = ("import hfpatches, json; r = hfpatches.apply(only=['trivial_fix']);"
+            "print(json.dumps(r['trivial_fix'].to_dict()))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path), "PATH": ""},
+                         check=True, capture_output=True, text=True).stdout
+    assert '"NOT_INSTALLED"' in out, out     # somepkg is not installed: honest, nothing touched
+    assert (tmp_path / "docs" / "patches" / "trivial_fix.md").is_file()
+    assert (tmp_path / "tests" / "test_trivial_fix.py").is_file()
+    assert (tmp_path / "gpu_tests" / "test_trivial_fix.py").is_file()

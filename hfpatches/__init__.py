@@ -5,8 +5,7 @@ target module is imported. See README.md for the patches and the environment swi
 """
 from __future__ import annotations
 
-import importlib
-
+from ._declare import import_module
 from ._report import Outcome, PatchError, PatchResult, Report
 from ._version import __version__
 
@@ -144,5 +143,5 @@ def __getattr__(name: str) -> object:
     if mod is None:
         raise AttributeError(f"module 'hfpatches' has no attribute {name!r}")
     if name == "flair":
-        return importlib.import_module(mod)
-    return getattr(importlib.import_module(mod), name)
+        return import_module(mod)
+    return getattr(import_module(mod), name)

@@ -313,7 +313,7 @@ if coll is not None and transformers.__version__.startswith("4."):
                              data_collator=D.collator(tok))
         with D.attention_kwargs(model) as seen:
             loss = trainer.train().training_loss
-        return loss, seen
+        return loss, seen, [{"input_ids": r["input_ids"]} for r in trainer.train_dataset]
     with tempfile.TemporaryDirectory() as tmp, installed() as ref:
         hfpatches.revert([D.PID])
         try:
@@ -323,15 +323,18 @@ if coll is not None and transformers.__version__.startswith("4."):
             out["unpatched_error"] = str(e)
         out["outcome"] = hfpatches.apply(only=[D.PID])[D.PID].outcome.value
         ref.calls.clear()
-        loss, seen = step(tmp)
+        loss, seen, tokenized = step(tmp)
         out["loss"] = loss
         out["attention_forms"] = sorted({json.dumps({k: D.form(v) for k, v in s.items()}) for s in seen})
         out["varlen_calls"] = len(ref.calls)
         out["varlen_cu"] = sorted({json.dumps(c["cu_seqlens_q"].tolist()) for c in ref.calls})
-        # the same first-step loss, computed directly on the documented batch (before any update)
+        # the same first-step loss, computed directly on the SFTTrainer's tokenized examples
+        # packed by the collator and converted (the same initial weights: seed 0)
         model = D.tiny_llama(len(tok), attn_implementation="flash_attention_2")
+        direct = coll(tokenized)
+        out["direct_tokens"] = direct["input_ids"].shape[1]
         with torch.no_grad():
-            out["direct_loss"] = model(**P.documented(coll(rows))).loss.item()
+            out["direct_loss"] = model(**P.documented(direct)).loss.item()
 out["final"] = hfpatches.status()[D.PID].outcome.value
 print("RESULT " + json.dumps(out))
 '''
@@ -380,5 +383,5 @@ def test_sft_trainer_step_flash_attention_2(stack, child):
     assert r["attention_forms"] == [json.dumps({"cu_seq_lens_q": "(4,) int32", "cu_seq_lens_k": "(4,) int32",
                                                 "max_length_q": "int", "max_length_k": "int"})], r
     assert r["varlen_calls"] == 2 and len(r["varlen_cu"]) == 1, r
-    assert json.loads(r["varlen_cu"][0])[-1] == r["collated"]["cu"][0][-1]
+    assert json.loads(r["varlen_cu"][0])[-1] == r["direct_tokens"], r
     assert math.isfinite(r["loss"]) and abs(r["loss"] - r["direct_loss"]) <= 1e-5 * r["direct_loss"], r

@@ -268,7 +268,7 @@ import hfpatches
 from hfpatches.demos import trl_padding_free_kwargs as D
 from hfpatches.patches import trl_padding_free_kwargs as P
 first = hfpatches.apply(only=[D.PID])[D.PID].outcome.value      # a script's first lines
-import trl, transformers
+import trl, transformers, transformers.trainer
 from accelerate import Accelerator
 tok = D.tokenizer()
 coll = D.collator(tok)
@@ -297,6 +297,12 @@ if coll is not None:
     out["dispatch_documented"] = through_dispatch(lambda ex: P.documented(coll(ex)))
     out["dispatch_cu_only"] = through_dispatch(
         lambda ex: {**coll(ex), "cu_seq_lens_q": coll(ex)["cu_seq_lens_q"].reshape(-1)})
+
+if coll is None:   # trl >= 0.20: its padding-free collator emits the documented form itself
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    b = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)(rows)
+    out["new_collator_forms"] = {k: D.form(b[k]) for k in D.KEYS if k in b}
+    out["new_collator_cu"] = b["cu_seq_lens_q"].tolist() if "cu_seq_lens_q" in b else None
 
 if coll is not None and transformers.__version__.startswith("4."):
     sys.path.insert(0, "tests")
@@ -376,6 +382,9 @@ def test_sft_trainer_step_flash_attention_2(stack, child):
     r = child
     if stack != "affected":
         assert r["final"] == "NOT_AFFECTED" and "collated" not in r, r
+        forms = r["new_collator_forms"]
+        assert forms["max_length_q"] == forms["max_length_k"] == "int", r
+        assert forms["cu_seq_lens_q"] == forms["cu_seq_lens_k"] == f"({len(r['new_collator_cu'])},) int32", r
         return
     assert r["first"] in ("DEFERRED", "APPLIED"), r
     assert r["unpatched_error"] and "cu_seqlens_q must have shape (batch_size + 1)" in r["unpatched_error"], r

@@ -134,8 +134,8 @@ def run(say) -> bool:
         say(f"{r.outcome.value}: {r.reason}")
         return True
     import torch
-    import trl.trainer.utils  # noqa: F401  (the patch attaches once TRL's collator module is imported)
-    import transformers.trainer  # noqa: F401
+    import transformers.trainer  # noqa: F401  (the patch attaches once both target modules are imported)
+    import trl.trainer.utils
 
     tok = tokenizer()
     batch = packed_batch(tok)

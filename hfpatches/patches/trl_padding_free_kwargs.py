@@ -123,16 +123,15 @@ def _tiny_tokenizer():
 
 
 def packed_by_collator():
-    """Three tiny examples packed by the installed TRL collator (``padding_free=True``)."""
-    import warnings
-
+    """Three tiny examples packed by the installed TRL collator (``padding_free=True``). No
+    warning filter is touched (process-global): TRL 0.17's DeprecationWarning is hidden by
+    Python's default filters; pad != eos and every example holds the response token, so the
+    collator's UserWarnings do not fire."""
     collator_cls = getattr(sys.modules[COLLATOR_MODULE], COLLATOR)
     tok, vocab = _tiny_tokenizer()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # the collator's deprecation / padding-free notices
-        collator = collator_cls([vocab["a"]], tokenizer=tok, padding_free=True)
-        return collator([{"input_ids": [3, 5, 4, 6]}, {"input_ids": [3, 4, 7]},
-                         {"input_ids": [3, 3, 4, 5, 6]}])
+    collator = collator_cls([vocab["a"]], tokenizer=tok, padding_free=True)
+    return collator([{"input_ids": [3, 5, 4, 6]}, {"input_ids": [3, 4, 7]},
+                     {"input_ids": [3, 3, 4, 5, 6]}])
 
 
 def _describe(k, v, torch) -> str:

@@ -142,7 +142,17 @@ def run(say) -> bool:
     if batch is None:
         r = hfpatches.apply(only=[PID])[PID]
         say(f"trl {trl.__version__} has no DataCollatorForCompletionOnlyLM; {r.outcome.value}: {r.reason}")
-        return r.outcome.value in ("NOT_AFFECTED", "APPLIED")
+        try:
+            from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+        except ImportError:
+            return r.outcome.value == "NOT_AFFECTED"
+        b = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)(
+            [tok(p + c) for p, c in PAIRS])
+        say("its padding-free collator (DataCollatorForLanguageModeling(padding_free=True)) emits "
+            + (", ".join(f"{k} {form(b[k])}" for k in KEYS if k in b) or "no FlashAttention keys"))
+        cu, mx = b.get("cu_seq_lens_q"), b.get("max_length_q")
+        documented = cu is None or (cu.dim() == 1 and cu.dtype == torch.int32 and isinstance(mx, int))
+        return r.outcome.value == "NOT_AFFECTED" and documented
     say(f"batch: trl {trl.__version__} DataCollatorForCompletionOnlyLM(padding_free=True): {len(PAIRS)} "
         f"Q/A pairs in one row of {batch['input_ids'].shape[1]} tokens; "
         + ", ".join(f"{k} {form(batch[k])}" for k in ("cu_seq_lens_q", "max_length_q")))

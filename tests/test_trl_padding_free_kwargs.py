@@ -20,7 +20,8 @@ pytest.importorskip("trl")
 
 import hfpatches  # noqa: E402
 from hfpatches.demos import trl_padding_free_kwargs as demo  # noqa: E402
-from hfpatches.patches import trl_padding_free_kwargs as tpf  # noqa: E402
+from hfpatches.patches.trl_padding_free_kwargs import impl as tpf  # noqa: E402
+from hfpatches._registry import registry  # noqa: E402
 
 PID = tpf.PATCH_ID
 KEYS = demo.KEYS
@@ -66,7 +67,7 @@ def _is_documented(kw: dict) -> bool:
 
 # ----------------------------------------------------------------------------- outcome & probe
 def test_declaration():
-    p = tpf.PATCH
+    p = registry()[PID]
     assert p.requires == ("trl>=0.16.0,<0.20",) and p.fixed_in == "trl>=0.20"
     assert p.upstream == ("huggingface/trl#3243",) and p.default_enabled
     assert p.modules == ("trl.trainer.utils", "transformers.trainer")
@@ -266,7 +267,7 @@ warnings.filterwarnings("ignore")
 import torch
 import hfpatches
 from hfpatches.demos import trl_padding_free_kwargs as D
-from hfpatches.patches import trl_padding_free_kwargs as P
+from hfpatches.patches.trl_padding_free_kwargs import impl as P
 first = hfpatches.apply(only=[D.PID])[D.PID].outcome.value      # a script's first lines
 import trl, transformers, transformers.trainer
 from accelerate import Accelerator

@@ -188,7 +188,9 @@ def test_filter_computed_once_per_callee(stack, lu, monkeypatch):
     accepted = lfk._state["accepted"]
     h, w, y, hid = _tiny_loss_args()
     assert calls == [first] and list(accepted) == [first]   # computed by the verify probe
-    assert "cu_seq_lens_q" not in accepted[first] and "label_smoothing" in accepted[first]
+    ok, quiet = accepted[first]    # what survives; that plus FlashAttention's keys (dropped quietly)
+    assert "cu_seq_lens_q" not in ok and "label_smoothing" in ok
+    assert quiet == ok | set(KEYS) and "shift_labels" not in quiet
     calls.clear()
     lu.LigerForCausalLMLoss(h, w, y, hid)            # no keyword at all: no lookup
     for _ in range(3):
@@ -208,6 +210,110 @@ def test_filter_computed_once_per_callee(stack, lu, monkeypatch):
     assert wrapper.__wrapped__ is orig
     got = lu.LigerForCausalLMLoss(h, w, y, hid, cu_seq_lens_q=1)   # returns the kwargs it got
     assert got["cu_seq_lens_q"] == 1 and accepted[takes_anything] is None
+
+
+# ----------------------------------------------------------------------------- keys that change the loss
+def _shifted(y, ignore_index=-100):
+    """transformers' default shift (``ForCausalLMLoss`` without ``shift_labels``), flattened."""
+    return torch.nn.functional.pad(y, (0, 1), value=ignore_index)[..., 1:].reshape(-1)
+
+
+def test_shift_labels_is_honoured_like_transformers_loss(stack, lu, monkeypatch):
+    """transformers' ``ForCausalLMLoss(shift_labels=...)`` computes the loss against the given
+    shifted labels (context-parallel / pre-shifted batches); so does liger-kernel >= 0.5.7.
+    Liger 0.5.6 raised TypeError on it; the patch must honour it, never drop it."""
+    _affected_only(stack)
+    import liger_kernel.transformers.functional as F
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    monkeypatch.setattr(F, "liger_fused_linear_cross_entropy", _Callee().make())
+    torch.manual_seed(0)
+    n, hid, vocab = 6, 4, 7
+    h, w = torch.randn(1, n, hid), torch.randn(vocab, hid)
+    y = torch.randint(0, vocab, (1, n))
+    shift = _shifted(y).view(1, n).clone()
+    shift[0, :3] = -100                        # e.g. the prompt masked only in the shifted labels
+    logits = h @ w.T
+    want = ForCausalLMLoss(logits, y, vocab, shift_labels=shift)
+    default = ForCausalLMLoss(logits, y, vocab)
+    assert not torch.allclose(want, default)   # the key changes the result
+    with pytest.raises(TypeError, match="unexpected keyword argument 'shift_labels'"):
+        lu.LigerForCausalLMLoss(h, w, y, hid, shift_labels=shift)
+    _apply()
+    # stub callee = plain fp32 cross-entropy on input @ weight.T, same op order as transformers'
+    # (logits, then cross_entropy): equal up to the last bit is not guaranteed across matmul
+    # shapes, so rel 1e-6 (fp32 eps 1.2e-7 times a handful of roundings)
+    got = lu.LigerForCausalLMLoss(h, w, y, hid, shift_labels=shift)
+    assert torch.allclose(got, want, rtol=1e-6, atol=0), (got, want, default)
+    got_flash = lu.LigerForCausalLMLoss(h, w, y, hid, shift_labels=shift, **_flash_kwargs(n))
+    assert torch.allclose(got_flash, want, rtol=1e-6, atol=0)
+    n_items = int((shift != -100).sum())
+    want_sum = ForCausalLMLoss(logits, y, vocab, num_items_in_batch=n_items, shift_labels=shift)
+    got_sum = lu.LigerForCausalLMLoss(h, w, y, hid, num_items_in_batch=n_items, shift_labels=shift)
+    assert torch.allclose(got_sum, want_sum, rtol=1e-6, atol=0)
+    # shift_labels=None means "derive them from labels", in transformers and here
+    none = lu.LigerForCausalLMLoss(h, w, y, hid, shift_labels=None)
+    assert torch.allclose(none, default, rtol=1e-6, atol=0)
+
+
+def test_shift_labels_outside_the_loss_entry_is_refused(stack, lu, monkeypatch):
+    """Called directly (not from ``LigerForCausalLMLoss``), ``fixed_fused_linear_cross_entropy``
+    already has its target: which one is meant is ambiguous, so the key is refused, not dropped."""
+    _affected_only(stack)
+    import liger_kernel.transformers.functional as F
+
+    monkeypatch.setattr(F, "liger_fused_linear_cross_entropy", _Callee().make())
+    _apply()
+    h, w, y, hid = _tiny_loss_args()
+    with pytest.raises(TypeError, match="shift_labels") as e:
+        lu.fixed_fused_linear_cross_entropy(h.view(-1, hid), w, _shifted(y), shift_labels=_shifted(y))
+    assert "LigerForCausalLMLoss" in str(e.value) and "target" in str(e.value)
+
+
+def test_loss_keys_transformers_honours_are_refused_if_unknown(stack, lu, monkeypatch):
+    """A key transformers' causal-LM loss names (on the installed transformers) that neither Liger
+    nor the patch can honour changes the loss: TypeError naming it, not a silent drop."""
+    _affected_only(stack)
+    import liger_kernel.transformers.functional as F
+    import transformers.loss.loss_utils as tlu
+
+    monkeypatch.setattr(F, "liger_fused_linear_cross_entropy", _Callee().make())
+    real = tlu.ForCausalLMLoss
+
+    def ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
+                        shift_labels=None, token_weights=None, **kwargs):   # a future transformers
+        return real(logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels, **kwargs)
+
+    monkeypatch.setattr(tlu, "ForCausalLMLoss", ForCausalLMLoss)
+    _apply()
+    h, w, y, hid = _tiny_loss_args()
+    with pytest.raises(TypeError, match="token_weights") as e:
+        lu.LigerForCausalLMLoss(h, w, y, hid, token_weights=torch.ones(3), **_flash_kwargs())
+    assert "ForCausalLMLoss" in str(e.value) and "hfpatches" in str(e.value)
+
+
+def test_other_dropped_keys_are_named_once(stack, lu, caplog, monkeypatch):
+    """Keys that neither Liger's fused loss nor transformers' loss takes are dropped from the loss
+    (transformers' loss ignores them too), but transformers' forward would also hand them to the
+    decoder and Liger 0.5.6's does not: a WARNING names each such key once. FlashAttention keys
+    (handed to the decoder by the patch) are not reported."""
+    _affected_only(stack)
+    import liger_kernel.transformers.functional as F
+
+    monkeypatch.setattr(F, "liger_fused_linear_cross_entropy", _Callee().make())
+    caplog.set_level(logging.INFO, logger="hfpatches.liger_flash_kwargs")
+    _apply()
+    h, w, y, hid = _tiny_loss_args()
+    want = lu.LigerForCausalLMLoss(h, w, y, hid)
+    for _ in range(3):
+        got = lu.LigerForCausalLMLoss(h, w, y, hid, is_causal=False, seq_idx=None, **_flash_kwargs())
+        assert torch.equal(got, want)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    msgs = sorted(r.getMessage() for r in warned)
+    assert len(msgs) == 2, msgs
+    assert "'is_causal'" in msgs[0] and "'seq_idx'" in msgs[1], msgs
+    assert all("decoder" in m and "dropped" in m for m in msgs), msgs
+    assert not any("cu_seq_lens" in m or "max_length" in m for m in msgs), msgs
 
 
 # ----------------------------------------------------------------------------- coverage per model
@@ -482,6 +588,41 @@ def test_lazily_imported_liger_model_is_wrapped(stack, kernel_results):
     else:
         assert r["outcome"] == "NOT_AFFECTED" and not r["wrapped"], r
 
+
+SHIFT_CHILD = r'''
+import json, os
+assert os.environ.get("TRITON_INTERPRET") == "1"
+import torch
+from hfpatches.demos import liger_flash_kwargs as D
+tok = D.tokenizer()
+batch = D.with_shift_labels(D.documented_form(D.packed_batch(tok)[0]))
+model = D.tiny_model("llama", len(tok))
+with torch.no_grad():
+    default = model(**{k: v for k, v in batch.items() if k != "shift_labels"}).loss.item()
+r = D.parity(model, "llama", batch)
+r["default_loss"] = default
+print("RESULT " + json.dumps(r))
+'''
+
+
+def test_real_flce_kernel_honours_shift_labels(stack, py):
+    """A padding-free batch (documented key form) that also carries ``shift_labels`` (each
+    sequence's tokens shifted within the sequence: loss on prompts too, unlike ``labels``): plain
+    transformers' loss honours it; Liger 0.5.6 raised TypeError; with the patch, Liger's real
+    FLCE kernel (TRITON_INTERPRET=1) gives transformers' loss and gradients, not the loss of
+    ``labels`` (which the patch used to give, silently). Latest stack: Liger 0.8.5 honours it."""
+    r = _child(py, SHIFT_CHILD)
+    # the key changes the loss: a random tiny model's losses all sit near ln(vocab), yet the two
+    # targets differ by rel ~1.8e-3 here, over 100x the parity tolerance below
+    assert demo.rel(r["default_loss"], r["ref_loss"]) > 1e-4, r
+    if stack == "affected":
+        assert r["before_error"] and "unexpected keyword argument" in r["before_error"], r
+        assert r["outcome"] == "APPLIED" and r["after_decoder_keys"] == sorted(KEYS), r
+    else:
+        assert r["before_error"] is None and r["outcome"] == "NOT_AFFECTED", r
+        assert demo.rel(r["before_loss"], r["ref_loss"]) <= 1e-6, r
+    assert r["after_error"] is None, r
+    assert r["rel"] <= 1e-6 and r["grad_diff"] <= 1e-5, r
 
 SMOLLM_CHILD = r'''
 import json, torch

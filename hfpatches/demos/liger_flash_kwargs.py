@@ -104,6 +104,20 @@ def documented_form(batch) -> dict:
     return out
 
 
+def with_shift_labels(batch) -> dict:
+    """``batch`` plus ``shift_labels`` (transformers' ``ForCausalLMLoss`` uses them instead of
+    shifting ``labels``): each packed sequence's ``input_ids`` shifted within the sequence, -100
+    on its last token -- a loss on every token, prompts included, that never crosses a boundary."""
+    import torch
+
+    ids = batch["input_ids"]
+    shift = torch.full_like(ids, -100)
+    cu = batch["cu_seq_lens_q"].reshape(-1).tolist()
+    for s, e in zip(cu[:-1], cu[1:]):
+        shift[:, s:e - 1] = ids[:, s + 1:e]
+    return {**batch, "shift_labels": shift}
+
+
 def split_packed(batch) -> list[dict]:
     """The sequences of a padding-free batch, each on its own (input_ids, labels, position_ids)."""
     cu = batch["cu_seq_lens_q"].reshape(-1).tolist()

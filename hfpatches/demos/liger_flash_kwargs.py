@@ -268,6 +268,35 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
+def head_rounding(model, batch) -> dict:
+    """How far an fp32 loss of ``batch`` may sit from the exact one, from the model's own numbers.
+    The loss is recomputed in float64 from the decoder's hidden states (``loss64``). Each logit
+    is a K-term dot product (K = hidden size) whose fp32 rounding error is about
+    ``sqrt(K) * u * sum_i |h_i w_i|`` (u = 2**-24; ``K * u * ...`` in the worst case), and a
+    token's loss moves by at most twice its largest logit error (log-sum-exp and the target logit
+    each by at most that), so ``fp32_rel_bound = 2 sqrt(K) u mean_t max_v sum_i |h_ti w_vi| / loss``.
+    Two fp32 computations of the same loss (transformers' logits + cross-entropy, Liger's fused
+    kernel) that differ only in summation order (BLAS kernel, CPU, thread count) may each be that
+    far from ``loss64``; a wrong target or a dropped key moves the loss far more."""
+    import torch
+
+    with torch.no_grad():
+        kw = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
+        h = model.model(**kw)[0]
+        h = h.reshape(-1, h.shape[-1]).double()
+        if "shift_labels" in batch:
+            y = batch["shift_labels"].reshape(-1)
+        else:
+            y = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[..., 1:].reshape(-1)
+        keep = y.to(h.device) != -100
+        h = h[keep]
+        w = model.lm_head.weight.double()
+        loss64 = float(torch.nn.functional.cross_entropy(h @ w.T, y.to(h.device)[keep]))
+        mag = (h.abs() @ w.abs().T).amax(dim=1).mean().item()
+    bound = 2 * h.shape[1] ** 0.5 * 2.0 ** -24 * mag / abs(loss64)
+    return {"loss64": loss64, "fp32_rel_bound": bound}
+
+
 def _error(fn):
     """``(result, None)`` or ``(None, "TypeError: ...")``."""
     try:
@@ -380,7 +409,8 @@ def _child() -> None:
     for line in told:   # why the keys were not handed on (the demo's own Liger-first step aside)
         if "not handed to the decoder" in line:
             say(f"  {line.split(': ', 1)[-1]}")
-    ok = r["rel"] <= 1e-5
+    r.update(head_rounding(model, batch))
+    ok = r["rel"] <= r["fp32_rel_bound"]     # fp32 rounding of the logits (see head_rounding)
     doc = documented_form(batch)
     if r["outcome"] == "APPLIED" and malformed({k: doc[k] for k in keys}, torch) is None \
             and malformed({k: batch[k] for k in keys}, torch) is not None:
@@ -392,7 +422,7 @@ def _child() -> None:
             "what TRL >= 0.20 emits):")
         say(f"Liger, with hfpatches:                  loss {loss:.6f}; keys reaching the decoder: "
             f"{sorted(seen['decoder']) or 'none'}, attention: {sorted(seen['attention']) or 'none'}")
-        ok = ok and sorted(seen["decoder"]) == sorted(keys) and rel(loss, r["ref_loss"]) <= 1e-5
+        ok = ok and sorted(seen["decoder"]) == sorted(keys) and rel(loss, r["ref_loss"]) <= r["fp32_rel_bound"]
     print("RESULT " + json.dumps({"ok": ok, **r}), flush=True)
 
 

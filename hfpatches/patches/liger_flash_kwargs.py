@@ -62,6 +62,17 @@ The fix
        FlashAttention-2 worked by deriving the boundaries from ``position_ids``; handing them on
        would turn the loss fix into that crash. Such batches keep the old path (an INFO record
        says so once); they are not reshaped (that would be fixing TRL's bug, silently).
+    3. No key that changes the result vanishes. transformers' ``ForCausalLMLoss`` honours
+       ``shift_labels`` (labels already shifted: context parallelism, packed batches); 0.5.6
+       raised TypeError on it, a plain filter would drop it. Called from ``LigerForCausalLMLoss``
+       (checked by the caller's code object), the filter makes it the target, flattened and moved
+       as transformers and liger-kernel 0.5.7 do (``None`` = derive from labels, as there).
+       Refused with TypeError: ``shift_labels`` from any other caller (the target is already
+       given: ambiguous), and any other key the installed transformers' ``ForCausalLMLoss``
+       names that Liger cannot take. Any remaining dropped key (transformers' loss ignores it
+       too, but its forward also hands it to the decoder, which 0.5.6's does not) is named once
+       in a WARNING. FlashAttention's keys are the only ones dropped quietly: they reach the
+       decoder by 2. This costs nothing on the fast paths (one more ``issuperset``).
 
 Probe
     Calls the installed loss entry ``LigerForCausalLMLoss`` on tiny CPU tensors with a
@@ -73,9 +84,10 @@ Probe
     checks the loss side; the decoder hand-off is checked by the tests.)
 
 Design decisions
-    * Only keys neither function names are dropped. A key the functional accepts but
-      ``fixed_fused_linear_cross_entropy`` also sets itself (``reduction``) still raises as it
-      does upstream: that is a caller error, not this bug, and dropping it would hide it.
+    * Only keys neither function names are dropped (and only as 3. allows). A key the
+      functional accepts but ``fixed_fused_linear_cross_entropy`` also sets itself
+      (``reduction``) still raises as it does upstream: that is a caller error, not this bug,
+      and dropping it would hide it.
     * Forwards installed *before* ``hfpatches.apply()`` (``apply_liger_kernel_to_llama()`` run
       first) hold Liger's unwrapped function in a transformers class; the recorder never stacks
       on a foreign replacement (that is a CONFLICT by design), so those classes get the loss fix

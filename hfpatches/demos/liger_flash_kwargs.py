@@ -403,13 +403,14 @@ def _child() -> None:
         say(f"Liger, with hfpatches:                  {r['after_error']}")
         print("RESULT " + json.dumps({"ok": False, **r}), flush=True)
         return
+    r.update(head_rounding(model, batch))
     say(f"Liger, with hfpatches:                  loss {r['after_loss']:.6f}  "
-        f"(rel. diff to plain {r['rel']:.2e})")
+        f"(rel. diff to plain {r['rel']:.2e}; fp32 rounding of the logits allows "
+        f"{r['fp32_rel_bound']:.1e}, float64 loss {r['loss64']:.6f})")
     say(f"  FlashAttention keys reaching the decoder: {r['after_decoder_keys'] or 'none'}")
     for line in told:   # why the keys were not handed on (the demo's own Liger-first step aside)
         if "not handed to the decoder" in line:
             say(f"  {line.split(': ', 1)[-1]}")
-    r.update(head_rounding(model, batch))
     ok = r["rel"] <= r["fp32_rel_bound"]     # fp32 rounding of the logits (see head_rounding)
     doc = documented_form(batch)
     if r["outcome"] == "APPLIED" and malformed({k: doc[k] for k in keys}, torch) is None \

@@ -254,6 +254,10 @@ def test_shift_labels_is_honoured_like_transformers_loss(stack, lu, monkeypatch)
     # shift_labels=None means "derive them from labels", in transformers and here
     none = lu.LigerForCausalLMLoss(h, w, y, hid, shift_labels=None)
     assert torch.allclose(none, default, rtol=1e-6, atol=0)
+    # one label per token or nothing (transformers' cross_entropy raises ValueError too); the
+    # kernel is never handed a target of the wrong length
+    with pytest.raises(ValueError, match=r"shift_labels has 5 elements, expected one per token .*\(6\)"):
+        lu.LigerForCausalLMLoss(h, w, y, hid, shift_labels=shift[:, 1:])
 
 
 def test_shift_labels_outside_the_loss_entry_is_refused(stack, lu, monkeypatch):

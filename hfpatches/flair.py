@@ -282,8 +282,8 @@ def inspect_model_file(path, *, verify: bool = True) -> ModelFileInfo:
 
 class FileCheck:
     """:func:`inspect_model_file` in two steps: ``info`` (zip directory, pickle) at once, and the
-    CRC-32 pass over the tensor data on a background thread once :meth:`start`\ ed - reading and
-    ``zlib.crc32`` release the GIL, so it runs beside flair's own load instead of before it.
+    CRC-32 pass over the tensor data on a background thread once started (:meth:`start`) - reading
+    and ``zlib.crc32`` release the GIL, so it runs beside flair's own load instead of before it.
     :meth:`result` waits for it (runs it, if never started) and raises what it found."""
 
     def __init__(self, path) -> None:

@@ -22,6 +22,8 @@ AUTO = "HFPATCHES_AUTO"
 STRICT_LOADS = "HFPATCHES_STRICT_LOADS"
 #: ``backbone`` (default) or ``float32``: the compute dtype policy of ``peft_save_load``.
 DTYPE_POLICY = "HFPATCHES_DTYPE_POLICY"
+#: The values of ``DTYPE_POLICY`` (the first is the default).
+DTYPE_POLICIES = ("backbone", "float32")
 
 ALL = (ONLY, DISABLE, STRICT, PROBE, REPORT, AUTO, STRICT_LOADS, DTYPE_POLICY)
 
@@ -67,3 +69,18 @@ def get_choice(name: str, choices: tuple[str, ...], default: str) -> str:
 def get_path(name: str) -> str | None:
     raw = os.environ.get(name)
     return raw.strip() or None if raw is not None else None
+
+
+def dtype_policy() -> str:
+    """``HFPATCHES_DTYPE_POLICY``, validated (a ValueError naming the valid values)."""
+    return get_choice(DTYPE_POLICY, DTYPE_POLICIES, DTYPE_POLICIES[0])
+
+
+def check_settings() -> None:
+    """Read the switches that hold whatever ``apply()``'s arguments say (``HFPATCHES_PROBE``,
+    ``HFPATCHES_REPORT``, ``HFPATCHES_DTYPE_POLICY``), so that a malformed value fails at
+    ``apply()`` time with a ValueError naming the variable and its valid values, not later where
+    the value is first used (a bad dtype policy used to pass apply() and fail at the first predict)."""
+    get_bool(PROBE, True)
+    get_path(REPORT)
+    dtype_policy()

@@ -544,7 +544,7 @@ class Engine:
     def apply(self, only=None, exclude=(), strict=None, startup: bool = False) -> Report:
         strict = _env.get_bool(_env.STRICT, False) if strict is None else bool(strict)
         probe = _env.get_bool(_env.PROBE, True)
-        _env.get_path(_env.REPORT)
+        _env.check_settings()  # every other switch too: a malformed value fails here, naming valid values
         with self.lock:
             chosen, disabled = self.select(only, exclude)
             out: dict[str, PatchResult] = {}

@@ -54,7 +54,7 @@ from .errors import CheckpointError
 
 __all__ = ["load", "unify_dtype", "inspect_model_file", "ModelFileInfo", "FileCheck", "POLICIES", "atomic_save"]
 
-POLICIES = ("backbone", "float32")
+POLICIES = _env.DTYPE_POLICIES  # ("backbone", "float32")
 _POLICY_ATTR = "_hfpatches_dtype_policy"
 #: key of the embeddings' params that carries several adapters (written by the patch; see patch docs)
 MULTI_ADAPTER_KEY = "hfpatches_peft"
@@ -74,7 +74,7 @@ def resolve_policy(policy: str | None = None, model=None) -> str:
     remembered = getattr(model, _POLICY_ATTR, None) if model is not None else None
     if remembered is not None:
         return remembered
-    return _env.get_choice(_env.DTYPE_POLICY, POLICIES, "backbone")
+    return _env.dtype_policy()
 
 
 def _backbones(model) -> list:

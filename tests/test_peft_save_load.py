@@ -310,6 +310,21 @@ def test_property_string_translation_on_synthetic_keys():
     check()
 
 
+@pytest.mark.parametrize("value", ["bf16", "fp32", "head"])
+def test_bad_dtype_policy_fails_at_apply_naming_the_valid_values(monkeypatch, value):
+    """Like every other switch, a malformed HFPATCHES_DTYPE_POLICY is a ValueError from apply()
+    (it used to pass apply() and fail at the first predict); flair or not."""
+    from hfpatches import _env
+
+    monkeypatch.setenv(_env.DTYPE_POLICY, value)
+    with pytest.raises(ValueError, match=f"HFPATCHES_DTYPE_POLICY='{value}' is not one of backbone, float32"):
+        hfpatches.apply(only=[PID])
+    with pytest.raises(ValueError, match="HFPATCHES_DTYPE_POLICY"):
+        hfpatches.apply()                                                # whatever is selected
+    monkeypatch.setenv(_env.DTYPE_POLICY, " Float32 ")
+    hfpatches.apply(only=[PID])                                          # case and spaces are fine
+
+
 # ============================================================================ flair (affected stack)
 @pytest.fixture(scope="module")
 def demo():

@@ -820,15 +820,16 @@ def test_bf16_every_model_class_predicts_and_trains(demo, bf16_both, kind):
 @needs_flair
 def test_bf16_head_trains_like_the_float32_one(demo):
     """One compute dtype must not cost the head its training: a bf16 head at lr 5e-5 rounds most
-    AdamW updates away (|update| ~ lr is below half a bf16 ulp of weights ~ 0.03: 13 % of the
+    AdamW updates away (|update| ~ lr is below half a bf16 ulp of weights ~ 0.03: 12 % of the
     decoder's weights moved in 10 steps). Under the default policy the head keeps float32 master
     weights (the transformer's bf16 output is cast up where the head takes it): every weight moves,
     and by what the float32 policy moves it.
 
     Tolerances: the two runs differ only in the transformer's precision (bf16 vs float32 forward
     and backward), so the head's gradients differ by bf16 rounding (~1e-2 relative); AdamW's first
-    steps move each weight by about lr * sign(grad), so the update vectors agree in direction
-    (cosine >= 0.95) and size (norm ratio within 10 %), measured: cosine 0.99+, ratio ~1.0."""
+    steps move each weight by about lr * sign(grad), so the update vectors agree in direction and
+    size (measured here: cosine 0.99997, norm ratio 1.0003; asserted: cosine >= 0.99, ratio within
+    5 %). With the head cast to bf16 (the fix's predecessor): 12 % moved, cosine 0.34, ratio 0.39."""
     import hfpatches.flair as hf
 
     hfpatches.apply(only=[PID])
@@ -852,7 +853,7 @@ def test_bf16_head_trains_like_the_float32_one(demo):
     cos = float(torch.nn.functional.cosine_similarity(default.flatten(), full.flatten(), dim=0))
     ratio = float(default.norm() / full.norm())
     assert moved == 1.0, f"only {moved:.0%} of the head's weights changed in 10 steps (cos {cos:.3f}, ratio {ratio:.3f})"
-    assert cos >= 0.95 and 0.9 <= ratio <= 1.1, (cos, ratio)
+    assert cos >= 0.99 and 0.95 <= ratio <= 1.05, (cos, ratio)
     assert model.decoder.weight.dtype == torch.float32                  # master weights, not bf16
     assert model.embeddings.model.base_model.model.embeddings.word_embeddings.weight.dtype == torch.bfloat16
 

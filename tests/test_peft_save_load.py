@@ -437,14 +437,22 @@ def test_stale_cleanup_spares_live_saves_and_what_is_not_provably_stale(py, tmp_
         kinds["other host"] = f"{base}.another-host.{pid}.{hexa}.hfpatches-tmp"
         kinds["running pid"] = f"{base}.{host}.{os.getpid()}.{hexa}.hfpatches-tmp"
         kinds["fresh"] = f"{base}.{host}.{pid}.{'0' * 8}.hfpatches-tmp"
+        kinds["locked"] = f"{base}.{host}.{pid}.{'1' * 8}.hfpatches-tmp"  # a live save in another pid namespace
         for name in kinds.values():
             shutil.copytree(str(src), str(tmp_path / name))
             if name != kinds["fresh"]:
                 _age(str(tmp_path / name), 3600)
+        import fcntl
+
+        held = os.open(str(tmp_path / kinds["locked"]), os.O_RDONLY)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         for foreign in (".model.pt.notes", "model.pt.hfpatches-tmp.txt"):
             (tmp_path / foreign).write_text("not ours")
         _age(str(src), 3600)
-        atomic_save(target, lambda tmp: open(tmp, "wb").write(b"ours"))
+        try:
+            atomic_save(target, lambda tmp: open(tmp, "wb").write(b"ours"))
+        finally:
+            os.close(held)
         assert open(target, "rb").read() == b"ours"
         assert _leftovers(tmp_path) == sorted([theirs, "model.pt.hfpatches-tmp.txt", *kinds.values()])
         out, _ = live.communicate("go\n", timeout=60)                 # the live save completes intact

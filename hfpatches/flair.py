@@ -175,14 +175,20 @@ def _plan(model) -> _Plan:
     return plan
 
 
+def _bits(dtype) -> int:
+    import torch
+
+    return torch.finfo(dtype).bits
+
+
 def _upcast(x, dtype):
     import torch
     from torch.nn.utils.rnn import PackedSequence
 
     if isinstance(x, torch.Tensor):
-        return x.to(dtype) if x.is_floating_point() and x.dtype.itemsize < dtype.itemsize else x
+        return x.to(dtype) if x.is_floating_point() and _bits(x.dtype) < _bits(dtype) else x
     if isinstance(x, PackedSequence):
-        return x.to(dtype) if x.data.is_floating_point() and x.data.dtype.itemsize < dtype.itemsize else x
+        return x.to(dtype) if x.data.is_floating_point() and _bits(x.data.dtype) < _bits(dtype) else x
     if type(x) in (tuple, list):
         return type(x)(_upcast(v, dtype) for v in x)
     return x
@@ -230,7 +236,7 @@ def unify_dtype(model, policy: str | None = None):
             else:
                 setattr(m, name, t.to(target))
     if pol == "backbone":
-        narrow = {d for d in map(_dominant, plan.bases) if d is not None and d.itemsize < target.itemsize}
+        narrow = {d for d in map(_dominant, plan.bases) if d is not None and _bits(d) < _bits(target)}
         if narrow:
             _hook_head(plan.head)
     return target

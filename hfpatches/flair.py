@@ -30,12 +30,12 @@ their config, and give a flair model one compute dtype.
     weights are never touched. Precedence: the ``policy`` argument (remembered on the model) > an
     earlier explicit choice on that model > ``HFPATCHES_DTYPE_POLICY``
     (``hfpatches._env.DTYPE_POLICY``) > ``"backbone"``. Parameters keep their identity (an
-    optimizer holding them keeps working). The hooks live on the model's own modules, so the model works
-    the same with the patch reverted, in a user's own forward code, and as loaded by
-    :func:`load` without the patch. What to walk is cached per model structure, so a call costs
-    well under a millisecond for MiniLM when nothing needs casting (the patch calls it at every
-    predict / forward_loss). Returns the head's dtype (``torch.float32``), None without a
-    transformer.
+    optimizer holding them keeps working). The hooks live on the model's own modules, so the
+    model works the same with the patch reverted, in a user's own forward code, and as loaded by
+    :func:`load` without the patch (flair's own save does not pickle modules, so no hook reaches
+    a file). What to walk is cached per model structure, so a call costs well under a
+    millisecond for MiniLM when nothing needs casting (the patch calls it at every predict /
+    forward_loss). Returns the head's dtype (``torch.float32``), None without a transformer.
 
 ``inspect_model_file(path)``
     What the safe scan sees (format, PEFT layout, whether the PEFT config travels).

@@ -884,6 +884,8 @@ def test_bf16_classifier_save_reload_same_scores(demo, tmp_path):
     assert not any("hfpatches" in t for t in hf.inspect_model_file(path).strings())  # no hook pickled
     hfpatches.revert([PID])
     assert demo.scores(again) == want                                    # the model itself stays usable
+    with demo.quiet():
+        assert demo.scores(hf.load(path)) == want                        # and so does one loaded unpatched
 
 
 @needs_flair

@@ -86,11 +86,16 @@ def set_raw(name: str, value: str) -> None:
     os.environ[name] = value
 
 
+def dtype_policy() -> str:
+    """``HFPATCHES_DTYPE_POLICY``, validated (a ValueError naming the valid values)."""
+    return get_choice(DTYPE_POLICY, DTYPE_POLICIES, DTYPE_POLICIES[0])
+
+
 def validate() -> None:
     """Check every switch ``apply()`` depends on, so a typo fails at apply time, never later."""
     get_bool(STRICT, False)
     get_bool(PROBE, True)
     get_bool(STRICT_LOADS, False)
-    get_choice(DTYPE_POLICY, DTYPE_POLICIES, DTYPE_POLICIES[0])
+    dtype_policy()
     get_list(ONLY)
     get_list(DISABLE)

@@ -274,9 +274,7 @@ def _read_bin(path: str) -> tuple[dict[str, TensorInfo], int]:
         # weights_only=True but without mmap.
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as e:
-        text = str(e)
-        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        what = f"it pickles {m.group(1)}" if m else f"torch.load(weights_only=True) refused it: {_first_error_line(text)}"
+        what = _refusal(str(e))
         raise CheckpointError(f"{path}: not a plain-tensor checkpoint: {what}. hfpatches only reads .bin files with "
                               "torch.load(weights_only=True); if you trust the file, re-save just its state dict "
                               "(or convert it to safetensors)") from e
@@ -303,11 +301,23 @@ def _read_bin(path: str) -> tuple[dict[str, TensorInfo], int]:
     return tensors, shared
 
 
-def _first_error_line(text: str) -> str:
-    for line in text.splitlines():
-        if "error" in line.lower() and ":" in line:
-            return _one_line(line)[:200]
-    return _one_line(text)[:200]
+# torch's words for the global it refused: "Unsupported global: GLOBAL posix.system was not an allowed
+# global" (torch 2.4-2.6), "Trying to load unsupported GLOBAL posix.system whose module posix is blocked"
+# (newer, e.g. 2.13); the generic paragraphs around them say nothing about this file
+_REFUSED_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.I)
+_TORCH_GENERIC = ("weights only load failed", "(1)", "(2)", "check the documentation of torch.load")
+
+
+def _refusal(text: str) -> str:
+    """What ``torch.load(weights_only=True)`` refused, in torch's own words (the culprit kept)."""
+    kept = [ln.strip() for ln in text.splitlines()
+            if ln.strip() and not ln.strip().lower().startswith(_TORCH_GENERIC)]
+    said = _one_line(" ".join(kept) or text).rstrip(".")
+    if len(said) > 600:
+        said = said[:600] + " ..."
+    m = _REFUSED_GLOBAL.search(text)
+    head = f"it pickles {m.group(1)}; " if m else ""
+    return f"{head}torch.load(weights_only=True) refused it: {said}"
 
 
 def _from_state_dict(sd) -> Checkpoint:

@@ -289,7 +289,8 @@ def run(say) -> bool:
             say(f"unpatched: bf16 predict -> {first_line(e)}")
         with hfpatches.patched(PID):
             s_bf = scores(bf)
-            say(f"patched: bf16 predict works, decoder {bf.decoder.weight.dtype}; held-out P(pos) {_p_pos(s_bf)}")
+            say(f"patched: bf16 predict works (transformer bf16, head {bf.decoder.weight.dtype}: master weights that "
+                f"train); held-out P(pos) {_p_pos(s_bf)}")
             with quiet():
                 bf.save(fixed)
                 back = TextClassifier.load(fixed)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from hfpatches._declare import ProbeResult
+from hfpatches._quiet import Quiet
 
 PATCH_ID = "peft_save_load"
 TRANSFORMER = "flair.embeddings.transformer"
@@ -156,37 +157,6 @@ _TINY: dict = {}
 _VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c", "good", "bad", "film", "##s"]
 
 
-class _Quiet:
-    """Undo what building a flair embedding does to the process (see the probe docs)."""
-
-    def __enter__(self):
-        import logging
-        import os
-
-        import torch
-        from transformers.utils import logging as tlog
-
-        self.tlog, self.level = tlog, tlog.get_verbosity()
-        self.env = os.environ.get("TOKENIZERS_PARALLELISM")
-        self.flog = logging.getLogger("flair")
-        self.flevel = self.flog.level
-        self.flog.setLevel(logging.WARNING)
-        self.rng = torch.random.fork_rng(devices=[])
-        self.rng.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        import os
-
-        self.rng.__exit__(*exc)
-        self.flog.setLevel(self.flevel)
-        self.tlog.set_verbosity(self.level)
-        if self.env is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = self.env
-
-
 def _tiny_embedding():
     """The probe's tiny bf16 LoRA document embedding (built once per process)."""
     if "emb" in _TINY:
@@ -228,7 +198,7 @@ def probe() -> ProbeResult:
     from flair.models import TextClassifier
 
     found, fixed = [], []
-    with _Quiet():
+    with Quiet(flair=True, rng=True):
         emb = _tiny_embedding()
         if _TINY["peft"]:
             params = emb.to_params()

@@ -134,7 +134,7 @@ _LAZY = {
     "LoadReport": "hfpatches.loading",
     "LoadError": "hfpatches.errors",
     "CheckpointError": "hfpatches.errors",
-    "flair": "hfpatches.flair",
+    "flair": "hfpatches.patches.peft_save_load.flair",
 }
 
 

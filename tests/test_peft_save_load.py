@@ -80,7 +80,10 @@ import sys, hfpatches
 mod = hfpatches.flair
 print("OUT", mod.__name__, callable(mod.load), callable(mod.unify_dtype), "flair" in sys.modules)
 """).stdout
-    assert "OUT hfpatches.flair True True False" in out  # the helper module imports flair only when used
+    # the helper module imports flair only when used; it lives with its patch
+    assert "OUT hfpatches.patches.peft_save_load.flair True True False" in out
+    alias = py("import hfpatches.flair as a, hfpatches; print('OUT', a is hfpatches.flair, a.__name__)").stdout
+    assert "OUT True hfpatches.patches.peft_save_load.flair" in alias  # ``import hfpatches.flair`` still works
     with pytest.raises(ValueError, match="'plain' or 'peft'"):
         hfpatches.peft_state_dict({}, to="merged")
 
@@ -536,10 +539,11 @@ def test_probe_apply_verify_exact_revert():
     from flair.embeddings.transformer import TransformerEmbeddings
     from flair.nn.model import DefaultClassifier, Model
 
-    from hfpatches._registry import registry
+    from hfpatches._registry import implementation, registry
 
     patch = registry()[PID]
-    before = patch.probe()
+    probe = implementation(patch, "probe")
+    before = probe()
     assert before.bug_present and "to_params() drops the PEFT config" in before.detail
     assert "bf16 predict fails" in before.detail and "mean pooling fails" in before.detail
     originals = {(o, n): o.__dict__[n] for o, n in ((TransformerEmbeddings, "to_params"), (Model, "load"),
@@ -547,11 +551,11 @@ def test_probe_apply_verify_exact_revert():
     rep = hfpatches.apply(only=[PID])
     assert rep[PID].outcome == hfpatches.Outcome.APPLIED, rep[PID].reason
     assert all(o.__dict__[n] is not orig for (o, n), orig in originals.items())
-    assert not patch.probe().bug_present
+    assert not probe().bug_present
     hfpatches.revert([PID])
     assert all(o.__dict__[n] is orig for (o, n), orig in originals.items())
     assert hfpatches.get_original(PID)["flair.nn.model.Model.load"] is originals[(Model, "load")]
-    assert patch.probe().bug_present
+    assert probe().bug_present
 
 
 @pytest.mark.skipif(HAS_FLAIR, reason="flair is installed here")

@@ -58,20 +58,21 @@ print("OUT", hfpatches.apply()["strict_loads"].outcome.value)
 def test_probe_sees_the_silent_load_then_verifies():
     from transformers.modeling_utils import PreTrainedModel
 
-    from hfpatches._registry import registry
+    from hfpatches._registry import implementation, registry
 
     patch = registry()[PID]
-    before = patch.probe()
+    probe = implementation(patch, "probe")
+    before = probe()
     assert before.bug_present and "accepted a checkpoint without" in before.detail
     original = PreTrainedModel.__dict__["from_pretrained"]
     rep = hfpatches.apply(only=[PID])
     assert rep[PID].outcome == hfpatches.Outcome.APPLIED, rep[PID].reason
     assert PreTrainedModel.__dict__["from_pretrained"] is not original
-    assert not patch.probe().bug_present
+    assert not probe().bug_present
     hfpatches.revert([PID])
     assert PreTrainedModel.__dict__["from_pretrained"] is original          # exact restore
     assert hfpatches.get_original(PID) is original
-    assert patch.probe().bug_present                                          # and the behaviour is back
+    assert probe().bug_present                                          # and the behaviour is back
 
 
 def test_another_architecture_silent_unpatched_raises_patched(ckpts):

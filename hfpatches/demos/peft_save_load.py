@@ -230,8 +230,8 @@ def run(say) -> bool:
     import torch
 
     from ..errors import CheckpointError
-    from ..flair import load as flair_load
-    from ..flair import unify_dtype
+    from ..patches.peft_save_load.flair import load as flair_load
+    from ..patches.peft_save_load.flair import unify_dtype
 
     hfpatches.revert([PID])
     ok = True

@@ -16,7 +16,7 @@ def _to_params(wrapped, instance, args, kwargs):
     params = wrapped(*args, **kwargs)
     if not isinstance(params, dict):
         return params
-    from hfpatches.flair import MULTI_ADAPTER_KEY, backbone_dtype
+    from .flair import MULTI_ADAPTER_KEY, backbone_dtype
 
     model = getattr(instance, "model", None)
     cfgs = getattr(model, "peft_config", None)
@@ -43,7 +43,7 @@ def _to_params(wrapped, instance, args, kwargs):
 
 
 def _from_params(wrapped, cls, args, kwargs):
-    from hfpatches.flair import MULTI_ADAPTER_KEY
+    from .flair import MULTI_ADAPTER_KEY
 
     params = args[0] if args else kwargs.get("params")
     extra = params.pop(MULTI_ADAPTER_KEY, None) if isinstance(params, dict) else None
@@ -64,7 +64,7 @@ def _from_params(wrapped, cls, args, kwargs):
 
 
 def _save(wrapped, instance, args, kwargs):
-    from hfpatches.flair import atomic_save
+    from .flair import atomic_save
 
     args = list(args)
     target = args.pop(0) if args else kwargs.pop("model_file")
@@ -75,7 +75,7 @@ def _load(wrapped, cls, args, kwargs):
     import os
 
     from hfpatches.errors import CheckpointError
-    from hfpatches.flair import (_STATE_DICT_ERROR, FileCheck, check_state, legacy_message, loading_file, state_dict_error,
+    from .flair import (_STATE_DICT_ERROR, FileCheck, check_state, legacy_message, loading_file, state_dict_error,
                          unify_dtype)
 
     src = args[0] if args else kwargs.get("model_path")
@@ -106,7 +106,7 @@ def _load(wrapped, cls, args, kwargs):
 
 
 def _unified(wrapped, instance, args, kwargs):
-    from hfpatches.flair import unify_dtype
+    from .flair import unify_dtype
 
     unify_dtype(instance)
     return wrapped(*args, **kwargs)
@@ -127,7 +127,7 @@ def _fill_mean(wrapped, instance, args, kwargs):
 
 def _compute_owners(nn_model):
     """flair's model classes that define their own predict / forward_loss (abstract ones skipped)."""
-    from hfpatches.flair import model_classes
+    from .flair import model_classes
 
     out = []
     for c in model_classes(nn_model.Model):

@@ -192,34 +192,36 @@ def test_tiny_llama_round_trip(include_buffers, per_module):
 
 
 def test_recipes_used_per_stack(stack):
-    """5.x: transformers' own _init_weights (on a throwaway); 4.51: its _init_weights does not
-    touch buffers (detected, not trusted) -> rotary init function / BERT ids."""
+    """Whole model: its constructor replayed (rebuild from config) on both stacks. Per module: the
+    module's own class constructor where it holds its config (rotary modules), else the
+    BERT-style ids recipe (embeddings modules keep no config)."""
     from transformers import BertConfig, BertModel, LlamaForCausalLM
 
     cfg = demo.tiny_llama_config()
     got = _recipes(_meta(lambda: LlamaForCausalLM(cfg)))
-    want = "_init_weights" if stack == "latest" else "rotary init function"
-    assert got and set(got.values()) == {want}, got
+    assert got and set(got.values()) == {"rebuild from config"}, got
     assert set(got) == ({"model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"} if stack == "latest"
                         else {"model.rotary_emb.inv_freq"})
     rot = _meta(lambda: LlamaForCausalLM(cfg)).model.rotary_emb
-    assert set(_recipes(rot, recurse=False).values()) == {"rotary init function"}
+    assert set(_recipes(rot, recurse=False).values()) == {"class constructor"}
     if stack == "affected":  # 4.x keeps original_inv_freq as a plain alias of inv_freq
         assert rot.original_inv_freq is rot.inv_freq and not rot.inv_freq.is_meta
 
     bcfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                       intermediate_size=32, max_position_embeddings=32)
-    b = _meta(lambda: BertModel(bcfg))
-    got = _recipes(b)
-    want = "_init_weights" if stack == "latest" else "position/token_type ids"
-    assert got == {"embeddings.position_ids": want, "embeddings.token_type_ids": want}
-    assert torch.equal(b.embeddings.position_ids, torch.arange(32).expand(1, -1))
-    assert torch.equal(b.embeddings.token_type_ids, torch.zeros(1, 32, dtype=torch.long))
+    for per_module in (False, True):
+        b = _meta(lambda: BertModel(bcfg))
+        got = _recipes(b.embeddings, recurse=False) if per_module else _recipes(b)
+        want = "position/token_type ids" if per_module else "rebuild from config"
+        prefix = "BertEmbeddings" if per_module else "embeddings"
+        assert got == {f"{prefix}.position_ids": want, f"{prefix}.token_type_ids": want}
+        assert torch.equal(b.embeddings.position_ids, torch.arange(32).expand(1, -1))
+        assert torch.equal(b.embeddings.token_type_ids, torch.zeros(1, 32, dtype=torch.long))
 
 
-def test_gpt_neo_local_and_global_masks(stack):
+def test_gpt_neo_local_and_global_masks():
     """Per-layer constructor arguments (local vs global attention) decide the causal-mask buffer:
-    recomputed by 5.x _init_weights, or on 4.51 by rebuilding the model from its config."""
+    recomputed by replaying the model's constructor (5.x: including its _init_weights)."""
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     cfg = GPTNeoConfig(vocab_size=128, max_position_embeddings=32, hidden_size=32, num_layers=2, num_heads=4,
@@ -235,7 +237,7 @@ def test_gpt_neo_local_and_global_masks(stack):
     _apply()
     model = _meta(lambda: GPTNeoForCausalLM(cfg))
     got = _recipes(model)
-    assert set(got.values()) == ({"_init_weights"} if stack == "latest" else {"rebuild from config"}), got
+    assert set(got.values()) == {"rebuild from config"}, got
     model.tie_weights()
     model.load_state_dict(ref.state_dict())
     for a, r in zip(model.transformer.h, ref.transformer.h):
@@ -298,7 +300,7 @@ def _toy_classes():
     return ToyConfig, Toy, Writer
 
 
-def test_noop_init_weights_is_detected_and_config_rebuild_honours_constructor_args():
+def test_config_rebuild_honours_constructor_args():
     ToyConfig, Toy, _ = _toy_classes()
     eager = Toy(ToyConfig())
     model = _meta(lambda: Toy(ToyConfig()))
@@ -307,7 +309,7 @@ def test_noop_init_weights_is_detected_and_config_rebuild_honours_constructor_ar
         assert torch.equal(a.table, b.table)
 
 
-def test_init_weights_runs_on_a_throwaway_never_on_the_model():
+def test_rebuild_runs_on_a_throwaway_never_on_the_model():
     _, _, Writer = _toy_classes()
     _apply()
     model = _meta(lambda: Writer(Writer.config_class()))
@@ -515,81 +517,97 @@ def _spy_model(seen: list):
     return ToyConfig, Spy
 
 
-@pytest.mark.parametrize("recurse", [True, False], ids=["whole", "root_recurse_false"])
-def test_rebuild_changes_no_global_state_and_no_other_thread(recurse):
+def test_rebuild_changes_no_global_state_and_no_other_thread():
     """Issue 12 item 4: the rebuild recipe used accelerate.init_empty_weights, which replaces
     nn.Module.register_parameter process-wide while it runs: another thread's eager build got meta
     parameters. Checked from inside the rebuild itself, so no timing luck is involved."""
     seen: list = []
     ToyConfig, Spy = _spy_model(seen)
-    before = _torch_globals()
     model = _meta(lambda: Spy(ToyConfig()))
     seen.clear()  # the user's own meta build above is not the patch's business
     _apply()
+    before = _torch_globals()
     with nan_for_uninitialised():
-        model.to_empty(device="cpu", recurse=recurse)
+        model.to_empty(device="cpu")
     assert torch.equal(model.layer.table, torch.arange(8.0) * 3 + 1)
     assert seen, "the patch did not rebuild the model: this test no longer tests the rebuild"
     for state, devices in seen:
         assert devices == {"cpu"}, f"a module built eagerly in another thread got {devices} parameters"
-        changed = {k for k in before if k != "CURRENT_DEVICE" and before[k] != state[k]}
+        changed = {f"{k}.{a}" for k in before if k != "CURRENT_DEVICE"
+                   for a in set(before[k]) | set(state[k]) if before[k].get(a) is not state[k].get(a)}
         changed |= {"torch.utils._device.CURRENT_DEVICE"} if state["CURRENT_DEVICE"] != before["CURRENT_DEVICE"] else set()
         assert not changed, f"global torch state changed while the patch rebuilt the model: {changed}"
     assert _torch_globals() == before
 
 
-def test_threads_building_eagerly_while_the_patch_materialises():
-    """Issue 12 item 4, as a user sees it: worker threads build modules eagerly (and one uses its
-    own accelerate.init_empty_weights) while the main thread materialises meta models with the
-    patch. No eager build may get a meta parameter, and register_parameter is torch's own after."""
+def _race(materialise, workers: list, rounds: int = 12) -> list:
+    """Run ``workers`` (each loops until told to stop) while this thread calls ``materialise``
+    ``rounds`` times; threads interleave often (switch interval 10 us, restored after)."""
     import threading
 
+    done, errors = threading.Event(), []
+
+    def loop(work):
+        try:
+            while not done.is_set():
+                work()
+        except BaseException as e:  # pragma: no cover - reported by the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=loop, args=(w,)) for w in workers]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        for t in threads:
+            t.start()
+        for _ in range(rounds):
+            materialise()
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+        sys.setswitchinterval(switch)
+    return errors
+
+
+def test_threads_building_eagerly_while_the_patch_materialises():
+    """Issue 12 item 4, as a user sees it: (1) worker threads build modules eagerly while the main
+    thread materialises meta models with the patch: no eager build may get a meta parameter;
+    (2) a worker uses its own accelerate.init_empty_weights meanwhile: afterwards
+    nn.Module.register_parameter is torch's own again (two overlapping global patches used to
+    leave it patched)."""
     from accelerate import init_empty_weights
 
     ToyConfig, Toy, _ = _toy_classes()
     cfg = ToyConfig(n_layers=6)
     register_parameter = nn.Module.__dict__["register_parameter"]
     _apply()
-    done = threading.Event()
-    builds, meta_builds, errors = [0], [0], []
+
+    def materialise():
+        with torch.device("meta"):  # the user's meta build; torch's function mode stack is per thread
+            model = Toy(cfg)
+        with nan_for_uninitialised():
+            model.to_empty(device="cpu")
+        assert torch.equal(model.layers[5].table, torch.arange(8.0) * 6)
+
+    builds, meta_builds = [0], [0]
 
     def eager():
-        try:
-            while not done.is_set():
-                devices = _eager_param_devices()
-                builds[0] += 1
-                meta_builds[0] += "meta" in devices
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
+        devices = _eager_param_devices()
+        builds[0] += 1
+        meta_builds[0] += "meta" in devices
 
-    def users_own_meta_init():
-        try:
-            while not done.is_set():
-                with init_empty_weights():
-                    nn.Linear(2, 2)
-        except BaseException as e:  # pragma: no cover
-            errors.append(e)
-
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)  # interleave threads often (restored below): more chances to catch a race
-    workers = [threading.Thread(target=eager) for _ in range(3)] + [threading.Thread(target=users_own_meta_init)]
-    try:
-        for w in workers:
-            w.start()
-        for _ in range(12):
-            with torch.device("meta"):  # torch's own context is per thread: the workers stay eager
-                model = Toy(cfg)
-            with nan_for_uninitialised():
-                model.to_empty(device="cpu")
-            assert torch.equal(model.layers[5].table, torch.arange(8.0) * 6)
-    finally:
-        done.set()
-        for w in workers:
-            w.join()
-        sys.setswitchinterval(switch)
+    errors = _race(materialise, [eager, eager, eager])
     assert not errors, errors
     assert builds[0] > 0
     assert meta_builds[0] == 0, f"{meta_builds[0]} of {builds[0]} eager builds in other threads got meta parameters"
+
+    def users_own_meta_init():
+        with init_empty_weights():
+            nn.Linear(2, 2)
+
+    errors = _race(materialise, [users_own_meta_init])
+    assert not errors, errors
     assert nn.Module.__dict__["register_parameter"] is register_parameter, "register_parameter left patched"
 
 
@@ -790,4 +808,9 @@ def test_user_position_ids_are_not_overwritten(per_module):
         assert not torch.equal(got, torch.arange(got.shape[-1]).expand(got.shape)), f"{build.__name__}: overwritten with 0..N"
         assert torch.equal(got, eager.embeddings.position_ids) or any("position_ids" in m for m in messages), (
             f"{build.__name__}: position_ids {got.tolist()} neither right nor warned: {messages}")
-        assert torch.equal(model.embeddings.token_type_ids, eager.embeddings.token_type_ids)
+        # the untouched token_type_ids of the real BertEmbeddings: recomputed. Of the user's subclass
+        # (a class no recipe was written for): recomputed by nothing, named in the warning
+        if build is shorter:
+            assert torch.equal(model.embeddings.token_type_ids, eager.embeddings.token_type_ids)
+        else:
+            assert any("token_type_ids" in m for m in messages), messages

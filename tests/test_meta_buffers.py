@@ -814,3 +814,39 @@ def test_user_position_ids_are_not_overwritten(per_module):
             assert torch.equal(model.embeddings.token_type_ids, eager.embeddings.token_type_ids)
         else:
             assert any("token_type_ids" in m for m in messages), messages
+
+
+def test_replay_refuses_random_buffers_and_writes_it_cannot_see():
+    """The recorded rebuild recovers a buffer only from its exact lineage: a buffer drawn at random
+    in __init__ cannot be recomputed (a fresh draw would pass for it), and one written through raw
+    storage is invisible to the log: both named in the warning; a plain one next to them recovered."""
+    import transformers
+    from transformers import PreTrainedModel
+
+    base = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
+
+    class Cfg(base):
+        model_type = "hfpatches_rng_toy"
+
+    class Model(PreTrainedModel):
+        config_class = Cfg
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("noise", torch.rand(4) * 2, persistent=False)
+            self.register_buffer("plain", torch.arange(4.0) + 0.5, persistent=False)
+            hidden = torch.zeros(4)
+            hidden.untyped_storage()  # a caller could write through it: the log would not see that
+            self.register_buffer("hidden", hidden + 1, persistent=False)
+            self.post_init()
+
+        def _init_weights(self, module):
+            pass
+
+    _apply()
+    model = _meta(lambda: Model(Cfg()), include_buffers=True)
+    messages = _materialise(model, per_module=False)
+    assert len(messages) == 1 and "noise" in messages[0] and "hidden" in messages[0], messages
+    assert "plain" not in messages[0] and torch.equal(model.plain, torch.arange(4.0) + 0.5)
+    assert torch.isnan(model.noise).all() and torch.isnan(model.hidden).all()

@@ -1,80 +1,37 @@
 """``meta_buffers``: ``Module.to_empty`` keeps non-persistent buffers (meta init -> to_empty -> load).
 
-The bug
-    The usual way to build a large model without memory is ``accelerate.init_empty_weights()``
-    (or ``with torch.device("meta")``), then ``model.to_empty(device=...)`` (FSDP does it per module:
-    ``param_init_fn=lambda m: m.to_empty(device=..., recurse=False)``), then
-    ``model.load_state_dict(pretrained)``. ``to_empty`` gives *every* tensor new, uninitialised
-    storage. Non-persistent buffers -- rotary ``inv_freq`` / ``original_inv_freq``, BERT
-    ``position_ids`` / ``token_type_ids``, GPT-2/GPT-Neo causal ``bias`` masks, anything registered
-    with ``persistent=False`` -- are not in any state dict, so the load never repairs them. The model
-    runs and gives wrong, run-to-run different outputs (or an IndexError from garbage positions).
-
+Bug
+    ``to_empty`` gives every tensor new, uninitialised storage. Non-persistent buffers (rotary
+    ``inv_freq``, BERT ``position_ids`` / ``token_type_ids``, causal ``bias`` masks) are in no state
+    dict, so ``load_state_dict`` never repairs them: after meta init -> ``to_empty`` -> load (also
+    FSDP's per-module ``to_empty(recurse=False)``) the model gives wrong, run-to-run different outputs.
 Affected
-    torch >= 2.1 (``to_empty(*, device, recurse)``; unchanged through 2.13) with transformers models,
-    seen on transformers 4.51.3 and 5.23.0. Not fixed upstream on either stack: the maintainers'
-    position is that non-persistent buffers belong to ``_init_weights`` and to whoever calls
-    ``to_empty``.  Upstream: huggingface/transformers#34234 (``inv_freq`` left uninitialised),
-    #36577 (meta init then GPU: very large errors), #25555, #45902, #48932 (core fix declined);
+    torch >= 2.1 with transformers 4.x-5.x (seen on 4.51.3 and 5.23.0); unfixed upstream.
+Upstream
+    huggingface/transformers#34234, #36577, #25555, #45902, #48932 (core fix declined);
     pytorch/pytorch#105840 (FSDP ``param_init_fn`` with ``to_empty(recurse=False)``).
-
-The fix
-    ``torch.nn.Module.to_empty`` is replaced by a function that calls the original and then, only
-    for the non-persistent buffers in the modules it just emptied:
-
-    * a buffer that held real data before the call keeps its values: the tensor itself stays when
-      it is already on the target device with the same dtype (no copy, aliases kept), else
-      ``new.copy_(old)``. Parameters and persistent buffers are left exactly as torch leaves them;
-    * a buffer that was itself on ``meta`` is recomputed on the CPU and copied over, first recipe
-      that works wins:
-        1. transformers' own ``_init_weights`` of the owning ``PreTrainedModel`` (5.x initialises
-           buffers for every model, #42309). It also re-initialises the module's parameters, so it
-           is called on a *throwaway*: a shallow shadow of the module whose parameters and other
-           buffers are meta tensors; the real model is never written by it. It is run twice on
-           shadows filled with 0 and with 1, and a buffer counts as recomputed only if both runs
-           agree (a no-op ``_init_weights``, as on 4.x, is detected, not trusted);
-        2. rotary modules: their own init function (4.x ``module.rope_init_fn(config)``, 5.x
-           ``compute_default_rope_parameters`` / ``ROPE_INIT_FUNCTIONS[rope_type]``);
-        3. transformers' BERT-style ``position_ids`` (arange) and ``token_type_ids`` (zeros);
-        4. a rebuild of the owning ``PreTrainedModel`` from its config with parameters on meta and
-           buffers real (``accelerate.init_empty_weights(include_buffers=False)``), buffers taken
-           by name. It replays the exact constructor, so per-layer arguments are honoured;
-    * whatever is left is named in one ``UninitialisedBufferWarning`` (a ``RuntimeWarning``: shown
-      by default, unlike a log record on the ``hfpatches`` logger); it is never left silently.
-
-    ``hfpatches.materialize(model, device)`` does the same explicitly, with or without the patch.
-
 Probe
-    A tiny ``nn.Module`` with a non-persistent buffer on the CPU; after the installed
-    ``Module.to_empty(device="cpu")``, are its values still there? (Runs again after applying.)
-
-Design decisions
-    * Cost: a module tree without non-persistent buffers pays one pass over ``_modules`` checking a
-      set (no names, no allocation); see ``benchmarks/meta_init.py``. Names are only built for the
-      warning or when a recipe needs them.
-    * Recipes compute on the CPU and copy to the target device: ``from_pretrained`` computes these
-      buffers on the CPU too, so the result is bit-identical to it also on CUDA.
-    * No name-based guessing for modules outside transformers, and no ``type(module)(config)``
-      rebuild of a single submodule (a constructor argument with a default could silently give a
-      different buffer, e.g. GPT-Neo's local vs global attention mask).
-    * FSDP-style ``to_empty(recurse=False)`` on a submodule: its owning model is unknown there, so
-      recipes 1 and 4 apply only when the module is the ``PreTrainedModel`` itself; a rotary or
-      BERT embedding module still gets recipes 2-3, anything else the warning (keep buffers real
-      with ``include_buffers=False`` -- accelerate's default -- and nothing needs recomputing).
-    * Attaches when ``torch`` has finished importing (target ``torch`` / ``nn.Module.to_empty``,
-      the same object as ``torch.nn.modules.module.Module.to_empty``): a hook on the submodule
-      fires in the middle of ``import torch``, where the probe cannot run yet.
-    * ``to_empty(device="meta")`` or buffers that stay on meta: nothing to do.
-    * Weight tying is not touched (``to_empty`` unties shared parameters as torch always has; call
-      ``model.tie_weights()`` as before).
+    A tiny module's non-persistent CPU buffer: still there after ``Module.to_empty(device="cpu")``?
+What changes
+    ``torch.nn.Module.to_empty`` calls torch's, then, for the non-persistent buffers it emptied: a
+    buffer that held data keeps it (the tensor itself when device and dtype match); a buffer on
+    meta is recomputed on the CPU and copied in, only by a recipe written for its class:
+    (1) the owning ``PreTrainedModel``'s constructor replayed from its config, recorded in this
+    thread only (``_Recording``: a ``TorchFunctionMode``, nothing process-global is touched), the
+    buffer taken from a counterpart of the same class, shape and dtype; (2) per module, a
+    transformers class whose constructor takes only ``config`` (and ``device``), replayed from the
+    config it holds; (3) BERT-style ids of classes whose ``__init__`` registers exactly that
+    expression, at its shape. Anything else is named in one ``UninitialisedBufferWarning``.
+    ``hfpatches.materialize(model, device)`` does the same explicitly, with or without the patch.
+    Rationale and affected versions: docs/patches/meta_buffers.md.
 """
 from __future__ import annotations
 
 from hfpatches._registry import Patch, ProbeResult, Target
 
-__all__ = ["PATCH", "materialize", "UninitialisedBufferWarning"]
+__all__ = ["PATCH", "UninitialisedBufferWarning", "materialize"]
 
-# Attach once ``torch`` has finished importing (see "Design decisions").
+# Attach once ``torch`` has finished importing (docs/patches/meta_buffers.md).
 _MODULE = "torch"
 _ATTR = "nn.Module.to_empty"
 _LOGGER = "hfpatches.meta_buffers"
@@ -239,7 +196,7 @@ def _recompute(root, meta: list, info: dict) -> None:
         if owner is not None:
             rel = qual[len(owner[1]) + 1:] if owner[1] else qual
             recipes.append(("rebuild from config",
-                            lambda m, names: _via_rebuild(owner[0], rel, m, names, rebuilt)))
+                            lambda m, names, owner=owner[0], rel=rel: _via_rebuild(owner, rel, m, names, rebuilt)))
         if owner is None or owner[0] is not m:
             recipes += [("class constructor", _via_constructor), ("position/token_type ids", _via_ids)]
         for label, recipe in recipes:
@@ -248,7 +205,7 @@ def _recompute(root, meta: list, info: dict) -> None:
                 break
             try:
                 got = recipe(m, todo)
-            except Exception as e:  # a recipe that cannot run is just not the one
+            except Exception as e:  # noqa: BLE001 - a recipe that cannot run is just not the one
                 _logger().debug("recipe %s for %s failed: %s: %s", label, qual or type(m).__name__, type(e).__name__, e)
                 continue
             for n, v in got.items():
@@ -404,7 +361,7 @@ def _key(t):
     """Aliasing key: tensors sharing storage (views, ``.data``, a Parameter and its data) share it."""
     try:
         return t.untyped_storage()._cdata
-    except Exception:  # sparse, nested, ...: only itself
+    except Exception:  # noqa: BLE001 - sparse, nested, ...: only itself
         return ("id", id(t))
 
 
@@ -421,7 +378,7 @@ class _Recording:
         self.result, self.log = result, log
 
     @classmethod
-    def of(cls, build) -> "_Recording":
+    def of(cls, build) -> _Recording:
         import torch
         from torch.overrides import TorchFunctionMode
         from torch.utils._device import _device_constructors
@@ -475,7 +432,7 @@ class _Recording:
         need = {_key(t) for t in wanted}
         steps = []
         for i in range(len(self.log) - 1, -1, -1):  # backwards: what each needed storage depends on
-            _, _, _, _, name, ins, outs, written = self.log[i]
+            ins, outs, written = self.log[i][5:]
             if need & outs or need & written:
                 steps.append(i)
                 need |= ins | outs

@@ -192,14 +192,14 @@ def test_tiny_llama_round_trip(include_buffers, per_module):
 
 
 def test_recipes_used_per_stack(stack):
-    """Whole model: its constructor replayed (rebuild from config) on both stacks. Per module: the
-    module's own class constructor where it holds its config (rotary modules), else the
-    BERT-style ids recipe (embeddings modules keep no config)."""
+    """A module's own class constructor where it holds its config (rotary modules), BERT-style ids
+    for embeddings (they keep no config), else the owning model's constructor replayed (rebuild
+    from config); the same whole-model and per module."""
     from transformers import BertConfig, BertModel, LlamaForCausalLM
 
     cfg = demo.tiny_llama_config()
     got = _recipes(_meta(lambda: LlamaForCausalLM(cfg)))
-    assert got and set(got.values()) == {"rebuild from config"}, got
+    assert got and set(got.values()) == {"class constructor"}, got
     assert set(got) == ({"model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"} if stack == "latest"
                         else {"model.rotary_emb.inv_freq"})
     rot = _meta(lambda: LlamaForCausalLM(cfg)).model.rotary_emb
@@ -212,11 +212,36 @@ def test_recipes_used_per_stack(stack):
     for per_module in (False, True):
         b = _meta(lambda: BertModel(bcfg))
         got = _recipes(b.embeddings, recurse=False) if per_module else _recipes(b)
-        want = "position/token_type ids" if per_module else "rebuild from config"
         prefix = "BertEmbeddings" if per_module else "embeddings"
+        want = "position/token_type ids"
         assert got == {f"{prefix}.position_ids": want, f"{prefix}.token_type_ids": want}
         assert torch.equal(b.embeddings.position_ids, torch.arange(32).expand(1, -1))
         assert torch.equal(b.embeddings.token_type_ids, torch.zeros(1, 32, dtype=torch.long))
+
+
+def test_swapped_in_rotary_with_its_own_config():
+    """A transformers rotary module the user put in with another config (another theta): it is
+    recomputed from the config it holds, not from the model's."""
+    from transformers import LlamaForCausalLM
+
+    cfg = demo.tiny_llama_config()
+    other = demo.tiny_llama_config()
+    other.rope_theta = 123.0
+    if isinstance(getattr(other, "rope_parameters", None), dict):  # 5.x reads the theta from here
+        other.rope_parameters = {**other.rope_parameters, "rope_theta": 123.0}
+
+    def build():
+        model = LlamaForCausalLM(cfg)
+        model.model.rotary_emb = type(model.model.rotary_emb)(other)
+        return model
+
+    eager = build()
+    assert not torch.equal(eager.model.rotary_emb.inv_freq, LlamaForCausalLM(cfg).model.rotary_emb.inv_freq)
+    _apply()
+    for per_module in (False, True):
+        model = _meta(build, include_buffers=True)
+        messages = _materialise(model, per_module)
+        _never_silently_wrong(model, {n: b for n, b in eager.named_buffers()}, messages, exact=True)
 
 
 def test_gpt_neo_local_and_global_masks():

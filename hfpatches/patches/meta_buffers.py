@@ -192,13 +192,13 @@ def _recompute(root, meta: list, info: dict) -> None:
     for m, names in by_module.values():
         qual, owner = owners.get(id(m), ("", None))
         values: dict = {}
-        recipes = []
+        recipes = []  # the module's own (cheap, from the config it holds) first, then the owner's
+        if owner is None or owner[0] is not m:
+            recipes += [("class constructor", _via_constructor), ("position/token_type ids", _via_ids)]
         if owner is not None:
             rel = qual[len(owner[1]) + 1:] if owner[1] else qual
             recipes.append(("rebuild from config",
                             lambda m, names, owner=owner[0], rel=rel: _via_rebuild(owner, rel, m, names, rebuilt)))
-        if owner is None or owner[0] is not m:
-            recipes += [("class constructor", _via_constructor), ("position/token_type ids", _via_ids)]
         for label, recipe in recipes:
             todo = [n for n in names if n not in values]
             if not todo:
@@ -392,12 +392,16 @@ class _Recording:
                 call = kwargs
                 if func in factories and kwargs.get("device") is None:
                     call = {**kwargs, "device": torch.device("meta")}
-                out = func(*args, **call)
                 name = getattr(func, "__name__", "")
                 written = []
+                first = None
                 if (name.endswith("_") and not name.endswith("__")) or name in _INPLACE:
                     first = args[0] if args else kwargs.get("tensor", kwargs.get("input"))
                     _flat(first, written)
+                if name in _RNG and isinstance(first, torch.Tensor) and first.is_meta:
+                    out = first  # a random fill of a meta tensor computes nothing (and is slow): logged only
+                else:
+                    out = func(*args, **call)
                 if "out" in kwargs:
                     _flat(kwargs["out"], written)
                 ins = _flat((args, kwargs), [])

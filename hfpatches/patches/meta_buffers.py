@@ -15,13 +15,13 @@ Probe
 What changes
     ``torch.nn.Module.to_empty`` calls torch's, then, for the non-persistent buffers it emptied: a
     buffer that held data keeps it (the tensor itself when device and dtype match); a buffer on
-    meta is recomputed on the CPU and copied in, only by a recipe written for its class:
-    (1) the owning ``PreTrainedModel``'s constructor replayed from its config, recorded in this
-    thread only (``_Recording``: a ``TorchFunctionMode``, nothing process-global is touched), the
-    buffer taken from a counterpart of the same class, shape and dtype; (2) per module, a
+    meta is recomputed on the CPU and copied in, only by a recipe written for its class: (1) a
     transformers class whose constructor takes only ``config`` (and ``device``), replayed from the
-    config it holds; (3) BERT-style ids of classes whose ``__init__`` registers exactly that
-    expression, at its shape. Anything else is named in one ``UninitialisedBufferWarning``.
+    config the module holds, recorded in this thread only (``_Recording``: a ``TorchFunctionMode``;
+    nothing process-global is touched); (2) BERT-style ids of classes whose ``__init__`` registers
+    exactly that expression, at its shape; (3) the owning ``PreTrainedModel``'s constructor
+    replayed the same way, the buffer taken from a counterpart of the same class, shape and dtype.
+    Anything else is named in one ``UninitialisedBufferWarning``.
     ``hfpatches.materialize(model, device)`` does the same explicitly, with or without the patch.
     Rationale and affected versions: docs/patches/meta_buffers.md.
 """

@@ -19,7 +19,7 @@ pytest.importorskip("accelerate")
 import hfpatches  # noqa: E402
 from hfpatches.demos import meta_buffers as demo  # noqa: E402
 from hfpatches.demos.meta_buffers import nan_for_uninitialised  # noqa: E402
-from hfpatches.patches import meta_buffers as mb  # noqa: E402
+from hfpatches.patches.meta_buffers import impl as mb  # noqa: E402
 
 PID = "meta_buffers"
 nn = torch.nn
@@ -70,14 +70,14 @@ class Holder(nn.Module):
 
 def test_probe_sees_the_bug_and_the_fix_and_revert_restores_identity():
     original = torch.nn.Module.__dict__["to_empty"]
-    assert mb.PATCH.probe().bug_present, "torch's to_empty no longer loses non-persistent buffers: retire the patch?"
+    assert mb.probe().bug_present, "torch's to_empty no longer loses non-persistent buffers: retire the patch?"
     rep = _apply()
     assert rep[PID].bug_present is True
     assert torch.nn.Module.__dict__["to_empty"] is not original
-    assert not mb.PATCH.probe().bug_present
+    assert not mb.probe().bug_present
     hfpatches.revert([PID])
     assert torch.nn.Module.__dict__["to_empty"] is original
-    assert mb.PATCH.probe().bug_present
+    assert mb.probe().bug_present
 
 
 def test_real_buffer_kept_everything_else_as_torch_leaves_it():
@@ -192,34 +192,61 @@ def test_tiny_llama_round_trip(include_buffers, per_module):
 
 
 def test_recipes_used_per_stack(stack):
-    """5.x: transformers' own _init_weights (on a throwaway); 4.51: its _init_weights does not
-    touch buffers (detected, not trusted) -> rotary init function / BERT ids."""
+    """A module's own class constructor where it holds its config (rotary modules), BERT-style ids
+    for embeddings (they keep no config), else the owning model's constructor replayed (rebuild
+    from config); the same whole-model and per module."""
     from transformers import BertConfig, BertModel, LlamaForCausalLM
 
     cfg = demo.tiny_llama_config()
     got = _recipes(_meta(lambda: LlamaForCausalLM(cfg)))
-    want = "_init_weights" if stack == "latest" else "rotary init function"
-    assert got and set(got.values()) == {want}, got
+    assert got and set(got.values()) == {"class constructor"}, got
     assert set(got) == ({"model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"} if stack == "latest"
                         else {"model.rotary_emb.inv_freq"})
     rot = _meta(lambda: LlamaForCausalLM(cfg)).model.rotary_emb
-    assert set(_recipes(rot, recurse=False).values()) == {"rotary init function"}
+    assert set(_recipes(rot, recurse=False).values()) == {"class constructor"}
     if stack == "affected":  # 4.x keeps original_inv_freq as a plain alias of inv_freq
         assert rot.original_inv_freq is rot.inv_freq and not rot.inv_freq.is_meta
 
     bcfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                       intermediate_size=32, max_position_embeddings=32)
-    b = _meta(lambda: BertModel(bcfg))
-    got = _recipes(b)
-    want = "_init_weights" if stack == "latest" else "position/token_type ids"
-    assert got == {"embeddings.position_ids": want, "embeddings.token_type_ids": want}
-    assert torch.equal(b.embeddings.position_ids, torch.arange(32).expand(1, -1))
-    assert torch.equal(b.embeddings.token_type_ids, torch.zeros(1, 32, dtype=torch.long))
+    for per_module in (False, True):
+        b = _meta(lambda: BertModel(bcfg))
+        got = _recipes(b.embeddings, recurse=False) if per_module else _recipes(b)
+        prefix = "BertEmbeddings" if per_module else "embeddings"
+        want = "position/token_type ids"
+        assert got == {f"{prefix}.position_ids": want, f"{prefix}.token_type_ids": want}
+        assert torch.equal(b.embeddings.position_ids, torch.arange(32).expand(1, -1))
+        assert torch.equal(b.embeddings.token_type_ids, torch.zeros(1, 32, dtype=torch.long))
 
 
-def test_gpt_neo_local_and_global_masks(stack):
+def test_swapped_in_rotary_with_its_own_config():
+    """A transformers rotary module the user put in with another config (another theta): it is
+    recomputed from the config it holds, not from the model's."""
+    from transformers import LlamaForCausalLM
+
+    cfg = demo.tiny_llama_config()
+    other = demo.tiny_llama_config()
+    other.rope_theta = 123.0
+    if isinstance(getattr(other, "rope_parameters", None), dict):  # 5.x reads the theta from here
+        other.rope_parameters = {**other.rope_parameters, "rope_theta": 123.0}
+
+    def build():
+        model = LlamaForCausalLM(cfg)
+        model.model.rotary_emb = type(model.model.rotary_emb)(other)
+        return model
+
+    eager = build()
+    assert not torch.equal(eager.model.rotary_emb.inv_freq, LlamaForCausalLM(cfg).model.rotary_emb.inv_freq)
+    _apply()
+    for per_module in (False, True):
+        model = _meta(build, include_buffers=True)
+        messages = _materialise(model, per_module)
+        _never_silently_wrong(model, {n: b for n, b in eager.named_buffers()}, messages, exact=True)
+
+
+def test_gpt_neo_local_and_global_masks():
     """Per-layer constructor arguments (local vs global attention) decide the causal-mask buffer:
-    recomputed by 5.x _init_weights, or on 4.51 by rebuilding the model from its config."""
+    recomputed by replaying the model's constructor (5.x: including its _init_weights)."""
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     cfg = GPTNeoConfig(vocab_size=128, max_position_embeddings=32, hidden_size=32, num_layers=2, num_heads=4,
@@ -235,7 +262,7 @@ def test_gpt_neo_local_and_global_masks(stack):
     _apply()
     model = _meta(lambda: GPTNeoForCausalLM(cfg))
     got = _recipes(model)
-    assert set(got.values()) == ({"_init_weights"} if stack == "latest" else {"rebuild from config"}), got
+    assert set(got.values()) == {"rebuild from config"}, got
     model.tie_weights()
     model.load_state_dict(ref.state_dict())
     for a, r in zip(model.transformer.h, ref.transformer.h):
@@ -298,7 +325,7 @@ def _toy_classes():
     return ToyConfig, Toy, Writer
 
 
-def test_noop_init_weights_is_detected_and_config_rebuild_honours_constructor_args():
+def test_config_rebuild_honours_constructor_args():
     ToyConfig, Toy, _ = _toy_classes()
     eager = Toy(ToyConfig())
     model = _meta(lambda: Toy(ToyConfig()))
@@ -307,7 +334,7 @@ def test_noop_init_weights_is_detected_and_config_rebuild_honours_constructor_ar
         assert torch.equal(a.table, b.table)
 
 
-def test_init_weights_runs_on_a_throwaway_never_on_the_model():
+def test_rebuild_runs_on_a_throwaway_never_on_the_model():
     _, _, Writer = _toy_classes()
     _apply()
     model = _meta(lambda: Writer(Writer.config_class()))
@@ -462,3 +489,389 @@ def test_fsdp_two_process_gloo_cpu(tmp_path):
             assert r["outcome"] == "APPLIED" and r["equal"], r
         else:
             assert not r["equal"], f"unpatched FSDP run matched the eager model: bug not reproduced: {r}"
+
+
+# ----------------------------------------------------------------------------- issue 12: no process-global state
+def _torch_globals() -> dict:
+    """What a patch could change for every thread: torch.nn.Module's and torch.Tensor's methods,
+    torch's factory functions, torch.nn.init, and the device that ``torch.device(...)`` records."""
+    import torch.utils._device as device_mod
+
+    return {"Module": dict(vars(nn.Module)), "Tensor": dict(vars(torch.Tensor)),
+            "torch": {n: getattr(torch, n) for n in ("empty", "zeros", "ones", "full", "arange", "tensor")},
+            "init": dict(vars(torch.nn.init)), "CURRENT_DEVICE": device_mod.CURRENT_DEVICE}
+
+
+def _eager_param_devices() -> set:
+    """Device types of the parameters of modules built eagerly (no meta context in this thread)."""
+    return {p.device.type for m in (nn.Linear(3, 3), nn.Embedding(4, 2), nn.LayerNorm(2)) for p in m.parameters()}
+
+
+def _spy_model(seen: list):
+    """A PreTrainedModel whose buffer no name-based recipe knows and whose ``_init_weights`` does
+    not touch buffers, so the patch must rebuild it from its config. While that rebuild runs, its
+    layer's constructor snapshots torch's global state and builds modules eagerly in another thread."""
+    import threading
+
+    from transformers import PreTrainedModel
+
+    ToyConfig, _, _ = _toy_classes()
+
+    class SpyLayer(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.lin = nn.Linear(config.width, config.width)
+            self.register_buffer("table", torch.arange(8.0) * 3 + 1, persistent=False)
+            box = {}
+            t = threading.Thread(target=lambda: box.update(devices=_eager_param_devices()))
+            t.start()
+            t.join()
+            seen.append((_torch_globals(), box["devices"]))
+
+    class Spy(PreTrainedModel):
+        config_class = ToyConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.layer = SpyLayer(config)
+            self.post_init()
+
+        def _init_weights(self, module):
+            pass
+
+    return ToyConfig, Spy
+
+
+def test_rebuild_changes_no_global_state_and_no_other_thread():
+    """Issue 12 item 4: the rebuild recipe used accelerate.init_empty_weights, which replaces
+    nn.Module.register_parameter process-wide while it runs: another thread's eager build got meta
+    parameters. Checked from inside the rebuild itself, so no timing luck is involved."""
+    seen: list = []
+    ToyConfig, Spy = _spy_model(seen)
+    model = _meta(lambda: Spy(ToyConfig()))
+    seen.clear()  # the user's own meta build above is not the patch's business
+    _apply()
+    before = _torch_globals()
+    with nan_for_uninitialised():
+        model.to_empty(device="cpu")
+    assert torch.equal(model.layer.table, torch.arange(8.0) * 3 + 1)
+    assert seen, "the patch did not rebuild the model: this test no longer tests the rebuild"
+    for state, devices in seen:
+        assert devices == {"cpu"}, f"a module built eagerly in another thread got {devices} parameters"
+        changed = {f"{k}.{a}" for k in before if k != "CURRENT_DEVICE"
+                   for a in set(before[k]) | set(state[k]) if before[k].get(a) is not state[k].get(a)}
+        changed |= {"torch.utils._device.CURRENT_DEVICE"} if state["CURRENT_DEVICE"] != before["CURRENT_DEVICE"] else set()
+        assert not changed, f"global torch state changed while the patch rebuilt the model: {changed}"
+    assert _torch_globals() == before
+
+
+def _race(materialise, workers: list, rounds: int = 12) -> list:
+    """Run ``workers`` (each loops until told to stop) while this thread calls ``materialise``
+    ``rounds`` times; threads interleave often (switch interval 10 us, restored after)."""
+    import threading
+
+    done, errors = threading.Event(), []
+
+    def loop(work):
+        try:
+            while not done.is_set():
+                work()
+        except BaseException as e:  # noqa: BLE001 - reported by the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=loop, args=(w,)) for w in workers]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        for t in threads:
+            t.start()
+        for _ in range(rounds):
+            materialise()
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+        sys.setswitchinterval(switch)
+    return errors
+
+
+def test_threads_building_eagerly_while_the_patch_materialises():
+    """Issue 12 item 4, as a user sees it: (1) worker threads build modules eagerly while the main
+    thread materialises meta models with the patch: no eager build may get a meta parameter;
+    (2) a worker uses its own accelerate.init_empty_weights meanwhile: afterwards
+    nn.Module.register_parameter is torch's own again (two overlapping global patches used to
+    leave it patched)."""
+    from accelerate import init_empty_weights
+
+    ToyConfig, Toy, _ = _toy_classes()
+    cfg = ToyConfig(n_layers=6)
+    register_parameter = nn.Module.__dict__["register_parameter"]
+    _apply()
+
+    def materialise():
+        with torch.device("meta"):  # the user's meta build; torch's function mode stack is per thread
+            model = Toy(cfg)
+        with nan_for_uninitialised():
+            model.to_empty(device="cpu")
+        assert torch.equal(model.layers[5].table, torch.arange(8.0) * 6)
+
+    builds, meta_builds = [0], [0]
+
+    def eager():
+        devices = _eager_param_devices()
+        builds[0] += 1
+        meta_builds[0] += "meta" in devices
+
+    errors = _race(materialise, [eager, eager, eager])
+    assert not errors, errors
+    assert builds[0] > 0
+    assert meta_builds[0] == 0, f"{meta_builds[0]} of {builds[0]} eager builds in other threads got meta parameters"
+
+    def users_own_meta_init():
+        with init_empty_weights():
+            nn.Linear(2, 2)
+
+    errors = _race(materialise, [users_own_meta_init])
+    assert not errors, errors
+    assert nn.Module.__dict__["register_parameter"] is register_parameter, "register_parameter left patched"
+
+
+# ----------------------------------------------------------------------------- issue 12: no guessing
+def _materialise(model, per_module: bool) -> list:
+    """The patched ``to_empty`` on the whole model, or FSDP-style on each module with
+    ``recurse=False``; uninitialised memory is NaN. Returns the warnings' messages."""
+    import warnings
+
+    with nan_for_uninitialised(), warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always", mb.UninitialisedBufferWarning)
+        for m in (list(model.modules()) if per_module else [model]):
+            m.to_empty(device="cpu", recurse=not per_module)
+    return [str(w.message) for w in got if issubclass(w.category, mb.UninitialisedBufferWarning)]
+
+
+def _never_silently_wrong(model, want: dict, messages: list, *, exact: bool):
+    """Each non-persistent buffer of ``want`` (name -> eager value) is right, or (``exact=False``)
+    named in the warning: never a silently wrong value."""
+    got = dict(model.named_buffers())
+    warned = " ".join(messages)
+    wrong = [n for n, v in want.items() if not torch.equal(got[n], v) and (exact or n.split(".")[-1] not in warned)]
+    assert not wrong, {n: (got[n].flatten()[:4].tolist(), want[n].flatten()[:4].tolist()) for n in wrong}
+    if exact:  # and not named in a warning either
+        assert not [n for n in want if n.split(".")[-1] in warned], messages
+
+
+class CustomRotary(nn.Module):
+    """Not a transformers class: holds a config but computes inv_freq its own way (base 7, not
+    the config's theta). No recipe was written for it: its buffers must be named in the warning."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.rope_type = "default"
+        dim = config.hidden_size // config.num_attention_heads
+        self.register_buffer("inv_freq", 1.0 / (7.0 ** (torch.arange(0, dim, 2).float() / dim)), persistent=False)
+
+
+@pytest.mark.parametrize("per_module", [False, True], ids=["whole", "per_module"])
+def test_unknown_rotary_module_is_warned_not_guessed(per_module):
+    """Issue 12 item 6: a non-transformers rotary module holding a config got inv_freq from the
+    config's rope_theta (wrong, no warning), alone or put into a transformers model."""
+    from transformers import LlamaForCausalLM
+
+    cfg = demo.tiny_llama_config()
+    _apply()
+    alone = _meta(lambda: CustomRotary(cfg), include_buffers=True)
+    messages = _materialise(alone, per_module)
+    assert any("inv_freq" in m for m in messages), f"no warning for CustomRotary.inv_freq: {messages}"
+    assert torch.isnan(alone.inv_freq).all(), f"guessed {alone.inv_freq.tolist()}"
+
+    def build():
+        model = LlamaForCausalLM(cfg)
+        model.model.rotary_emb = CustomRotary(cfg)  # the user's own rotary inside a transformers model
+        return model
+
+    eager = build()
+    model = _meta(build, include_buffers=True)
+    messages = _materialise(model, per_module)
+    assert any("rotary_emb.inv_freq" in m or "CustomRotary.inv_freq" in m for m in messages), messages
+    assert not torch.equal(model.model.rotary_emb.inv_freq, eager.model.rotary_emb.inv_freq)  # unknowable: NaN
+    assert torch.isnan(model.model.rotary_emb.inv_freq).all(), f"guessed {model.model.rotary_emb.inv_freq.tolist()}"
+
+
+def _modernbert_config(**kw):
+    from transformers import ModernBertConfig
+
+    return ModernBertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                            num_attention_heads=2, max_position_embeddings=64, global_rope_theta=160000.0,
+                            local_rope_theta=10000.0, global_attn_every_n_layers=3, local_attention=16,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+                            attn_implementation="sdpa", **kw)
+
+
+@pytest.mark.parametrize("per_module", [False, True], ids=["whole", "per_module"])
+def test_modernbert_with_rope_theta_in_config(stack, per_module):
+    """Issue 12 items 6 and 11: a ModernBERT config carrying ``rope_theta`` gave every layer the
+    inv_freq of that theta on 4.51 (global and local thetas ignored); on 5.x per-module
+    materialisation left the per-layer-type buffers uninitialised. Whole model: exact on both
+    stacks. Per module: exact on 5.x; on 4.51 the rotary module's theta is a constructor argument
+    it does not keep, so its buffer cannot be known from the module alone: named in the warning."""
+    from transformers import ModernBertModel
+
+    cfg = _modernbert_config(rope_theta=500.0)
+    torch.manual_seed(0)
+    eager = ModernBertModel(cfg)
+    want = {n: b for n, b in eager.named_buffers() if "freq" in n}
+    assert len({tuple(b.tolist()) for b in want.values()}) == 2  # a global and a local theta
+    _apply()
+    model = _meta(lambda: ModernBertModel(cfg), include_buffers=True)
+    messages = _materialise(model, per_module)
+    _never_silently_wrong(model, want, messages, exact=not per_module or stack == "latest")
+
+
+def _llama_config(rope_scaling):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=64, rope_scaling=rope_scaling)
+
+
+ROPE_SCALINGS = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    "longrope": {"rope_type": "longrope", "factor": 4.0, "short_factor": [1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0, 2.5],
+                 "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 9.0], "original_max_position_embeddings": 16},
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+}
+
+
+@pytest.mark.parametrize("per_module", [False, True], ids=["whole", "per_module"])
+@pytest.mark.parametrize("rope", sorted(ROPE_SCALINGS))
+def test_llama_rope_scaling_types(rope, per_module):
+    """Issue 12 item 11: per-module materialisation left inv_freq uninitialised for llama3 / yarn /
+    longrope on 4.51 (the rope init function was called without its ``device`` argument)."""
+    from transformers import LlamaForCausalLM
+
+    cfg = _llama_config(ROPE_SCALINGS[rope])
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(ids).logits
+    _apply()
+    model = _meta(lambda: LlamaForCausalLM(cfg), include_buffers=True)
+    messages = _materialise(model, per_module)
+    _never_silently_wrong(model, {n: b for n, b in ref.named_buffers()}, messages, exact=True)
+    model.tie_weights()
+    model.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, want)
+
+
+@pytest.mark.parametrize("per_module", [False, True], ids=["whole", "per_module"])
+def test_gemma3_local_and_global_rotary(stack, per_module):
+    """Issue 12 item 11: Gemma3's sliding and full attention use different rotary bases (4.51: two
+    modules, the local one holding a copied config; 5.x: one module with per-layer-type buffers,
+    left uninitialised per module before)."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Gemma3ForCausalLM"):
+        pytest.skip("no Gemma3 in this transformers")
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+                           sliding_window=8, rope_theta=100000.0, rope_local_base_freq=10.0,
+                           attn_implementation="eager", **({"sliding_window_pattern": 2} if stack == "affected"
+                                                          else {"layer_types": ["sliding_attention", "full_attention"]}))
+    torch.manual_seed(0)
+    ref = Gemma3ForCausalLM(cfg).eval()
+    want = {n: b for n, b in ref.named_buffers() if "freq" in n}
+    assert len({tuple(b.tolist()) for b in want.values()}) >= 2
+    _apply()
+    model = _meta(lambda: Gemma3ForCausalLM(cfg), include_buffers=True)
+    messages = _materialise(model, per_module)
+    _never_silently_wrong(model, want, messages, exact=True)
+
+
+
+
+@pytest.mark.parametrize("per_module", [False, True], ids=["whole", "per_module"])
+def test_user_position_ids_are_not_overwritten(per_module):
+    """Issue 12 item 6: a user-registered position_ids on a BERT embeddings module was overwritten
+    with 0..N: (a) a shorter one registered on BertEmbeddings itself, (b) a user subclass of
+    BertEmbeddings counting from 2 (RoBERTa style) put into a BertModel. Neither is what any
+    recipe was written for: named in the warning, never replaced by 0..N."""
+    from transformers import BertConfig, BertModel
+    from transformers.models.bert.modeling_bert import BertEmbeddings
+
+    class MyEmbeddings(BertEmbeddings):
+        def __init__(self, config):
+            super().__init__(config)
+            n = config.max_position_embeddings
+            self.register_buffer("position_ids", torch.arange(2, n + 2).expand((1, -1)), persistent=False)
+
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32)
+
+    def shorter():
+        model = BertModel(cfg)
+        model.embeddings.register_buffer("position_ids", torch.arange(5, 21).view(1, 16), persistent=False)
+        return model
+
+    def subclassed():
+        model = BertModel(cfg)
+        model.embeddings = MyEmbeddings(cfg)
+        return model
+
+    _apply()
+    for build in (shorter, subclassed):
+        eager = build()
+        model = _meta(build, include_buffers=True)
+        messages = _materialise(model, per_module)
+        got = model.embeddings.position_ids
+        assert not torch.equal(got, torch.arange(got.shape[-1]).expand(got.shape)), f"{build.__name__}: overwritten with 0..N"
+        assert torch.equal(got, eager.embeddings.position_ids) or any("position_ids" in m for m in messages), (
+            f"{build.__name__}: position_ids {got.tolist()} neither right nor warned: {messages}")
+        # the untouched token_type_ids of the real BertEmbeddings: recomputed. Of the user's subclass
+        # (a class no recipe was written for): recomputed by nothing, named in the warning
+        if build is shorter:
+            assert torch.equal(model.embeddings.token_type_ids, eager.embeddings.token_type_ids)
+        else:
+            assert any("token_type_ids" in m for m in messages), messages
+
+
+def test_replay_refuses_random_buffers_and_writes_it_cannot_see():
+    """The recorded rebuild recovers a buffer only from its exact lineage: a buffer drawn at random
+    in __init__ cannot be recomputed (a fresh draw would pass for it), and one written through raw
+    storage is invisible to the log: both named in the warning; a plain one next to them recovered."""
+    import transformers
+    from transformers import PreTrainedModel
+
+    base = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
+
+    class Cfg(base):
+        model_type = "hfpatches_rng_toy"
+
+    class Model(PreTrainedModel):
+        config_class = Cfg
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("noise", torch.rand(4) * 2, persistent=False)
+            self.register_buffer("plain", torch.arange(4.0) + 0.5, persistent=False)
+            hidden = torch.zeros(4)
+            hidden.untyped_storage()  # a caller could write through it: the log would not see that
+            self.register_buffer("hidden", hidden + 1, persistent=False)
+            self.post_init()
+
+        def _init_weights(self, module):
+            pass
+
+    _apply()
+    model = _meta(lambda: Model(Cfg()), include_buffers=True)
+    messages = _materialise(model, per_module=False)
+    assert len(messages) == 1 and "noise" in messages[0] and "hidden" in messages[0], messages
+    assert "plain" not in messages[0] and torch.equal(model.plain, torch.arange(4.0) + 0.5)
+    assert torch.isnan(model.noise).all() and torch.isnan(model.hidden).all()

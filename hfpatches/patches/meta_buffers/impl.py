@@ -3,11 +3,9 @@ from __future__ import annotations
 
 from hfpatches._declare import ProbeResult
 
-__all__ = ["materialize", "UninitialisedBufferWarning"]
+__all__ = ["UninitialisedBufferWarning", "materialize"]
 
-# Attach once ``torch`` has finished importing (see "Design decisions").
 _LOGGER = "hfpatches.meta_buffers"
-_ROPE_NAMES = ("inv_freq", "original_inv_freq")
 
 
 class UninitialisedBufferWarning(RuntimeWarning):
@@ -139,6 +137,11 @@ def _pretrained_cls():
     return getattr(mu, "PreTrainedModel", None)
 
 
+def _own_class(m) -> type:
+    """The module's own class: FSDP2 swaps in a subclass from ``torch.distributed``; skip it."""
+    return next(c for c in type(m).__mro__ if not c.__module__.startswith("torch.distributed"))
+
+
 def _owners(root) -> dict:
     """id(module) -> (qualified name relative to root, (owner PreTrainedModel, its prefix) or None).
     The owner is the outermost PreTrainedModel above (or equal to) the module."""
@@ -165,26 +168,26 @@ def _recompute(root, meta: list, info: dict) -> None:
     for m, names in by_module.values():
         qual, owner = owners.get(id(m), ("", None))
         values: dict = {}
-        recipes = []
-        if owner is not None:
-            recipes.append(("_init_weights", lambda m, names: _via_init_weights(owner[0], m, names)))
-        recipes += [("rotary init function", _via_rope), ("position/token_type ids", _via_ids)]
+        recipes = []  # the module's own (cheap, from the config it holds) first, then the owner's
+        if owner is None or owner[0] is not m:
+            recipes += [("class constructor", _via_constructor), ("position/token_type ids", _via_ids)]
         if owner is not None:
             rel = qual[len(owner[1]) + 1:] if owner[1] else qual
             recipes.append(("rebuild from config",
-                            lambda m, names: _via_rebuild(owner[0], rel, names, rebuilt)))
+                            lambda m, names, owner=owner[0], rel=rel: _via_rebuild(owner, rel, m, names, rebuilt)))
         for label, recipe in recipes:
             todo = [n for n in names if n not in values]
             if not todo:
                 break
             try:
                 got = recipe(m, todo)
-            except Exception as e:  # a recipe that cannot run is just not the one
+            except Exception as e:  # noqa: BLE001 - a recipe that cannot run is just not the one
                 _logger().debug("recipe %s for %s failed: %s: %s", label, qual or type(m).__name__, type(e).__name__, e)
                 continue
             for n, v in got.items():
                 target = m._buffers[n]
-                if v is not None and tuple(v.shape) == tuple(target.shape) and not v.is_meta:
+                if (v is not None and not v.is_meta and tuple(v.shape) == tuple(target.shape)
+                        and v.dtype == target.dtype):
                     values[n] = (v, label)
         import torch
 
@@ -199,70 +202,6 @@ def _recompute(root, meta: list, info: dict) -> None:
         _fix_rope_alias(m)
 
 
-def _shadow(m, names, fill):
-    """A throwaway stand-in for module ``m``: same class and attributes, own parameter/buffer/
-    child dicts; parameters and other buffers are meta, the buffers ``names`` are CPU tensors
-    filled with ``fill``. Whatever an init function writes lands here, not in the model."""
-    import torch
-
-    def meta_like(t):
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
-
-    def clone(mod, top):
-        s = object.__new__(type(mod))
-        s.__dict__.update(mod.__dict__)
-        s.__dict__["_parameters"] = {
-            k: (None if p is None else torch.nn.Parameter(meta_like(p), requires_grad=p.requires_grad))
-            for k, p in mod._parameters.items()}
-        s.__dict__["_buffers"] = {
-            k: (None if b is None else
-                torch.full(b.shape, fill, dtype=b.dtype) if top and k in names else meta_like(b))
-            for k, b in mod._buffers.items()}
-        s.__dict__["_modules"] = {k: (None if c is None else clone(c, False)) for k, c in mod._modules.items()}
-        return s
-
-    return clone(m, True)
-
-
-def _via_init_weights(owner, m, names) -> dict:
-    """transformers' own ``_init_weights`` on two shadows (filled 0 and 1); agreed values win."""
-    import torch
-
-    runs = []
-    for fill in (0, 1):
-        s = _shadow(m, names, fill)
-        owner._init_weights(s)
-        runs.append(s._buffers)
-    out = {}
-    for n in names:
-        a, b = runs[0].get(n), runs[1].get(n)
-        if a is not None and b is not None and not a.is_meta and not b.is_meta:
-            a, b = a.detach().cpu(), b.detach().cpu()
-            if a.shape == b.shape and torch.equal(a, b):
-                out[n] = a
-    return out
-
-
-def _via_rope(m, names) -> dict:
-    """Rotary embeddings: ``inv_freq`` / ``original_inv_freq`` from the module's own init function."""
-    names = [n for n in names if n in _ROPE_NAMES]
-    config = getattr(m, "config", None)
-    if not names or config is None:
-        return {}
-    fn = getattr(m, "rope_init_fn", None)  # transformers 4.4x/4.5x: kept on the module
-    if not callable(fn):  # transformers 5.x: chosen in __init__ from rope_type, not kept
-        rope_type = getattr(m, "rope_type", None) or "default"
-        own = {"default": "compute_default_rope_parameters", "axial": "compute_axial_rope_parameters",
-               "ntk_alpha": "compute_ntk_alpha_rope_parameters"}.get(rope_type)
-        fn = getattr(m, own, None) if own else None
-        if not callable(fn):
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-            fn = ROPE_INIT_FUNCTIONS[rope_type]
-    inv, _scaling = fn(config, **(getattr(m, "rope_kwargs", None) or {}))
-    return {n: inv for n in names}
-
-
 def _fix_rope_alias(m) -> None:
     """transformers 4.x rotary modules keep ``original_inv_freq`` as a plain attribute aliasing
     ``inv_freq`` (``__init__``); left on meta it breaks dynamic RoPE. Re-alias it."""
@@ -272,41 +211,251 @@ def _fix_rope_alias(m) -> None:
         m.__dict__["original_inv_freq"] = inv
 
 
-def _via_ids(m, names) -> dict:
-    """transformers' BERT-style ``position_ids`` (arange over the last dim) / ``token_type_ids`` (0)."""
-    import torch
-
-    if not type(m).__module__.startswith("transformers."):
+def _take(skeleton_module, m, names, replay) -> dict:
+    """The buffers ``names`` of the rebuilt counterpart of ``m``, only where the counterpart is the
+    same class and holds each as a non-persistent buffer (anything the user changed is refused)."""
+    if skeleton_module is None or type(skeleton_module) is not _own_class(m):
         return {}
-    out = {}
-    for n in names:
-        t = m._buffers[n]
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.dim() == 0:
-            continue
-        if n == "position_ids":
-            out[n] = torch.arange(t.shape[-1], dtype=t.dtype).expand(t.shape)
-        elif n == "token_type_ids":
-            out[n] = torch.zeros(t.shape, dtype=t.dtype)
-    return out
+    bufs = skeleton_module._buffers
+    want = [bufs[n] for n in names if bufs.get(n) is not None and n in skeleton_module._non_persistent_buffers_set]
+    real = replay(want)
+    return {n: real.get(id(bufs[n])) for n in names if bufs.get(n) is not None and id(bufs[n]) in real}
 
 
-def _via_rebuild(owner, rel: str, names, cache: dict) -> dict:
-    """Build ``type(owner)(owner.config)`` with parameters on meta and buffers real (once per
-    call) and take the buffers by name."""
+def _via_rebuild(owner, rel: str, m, names, cache: dict) -> dict:
+    """The owning ``PreTrainedModel`` rebuilt from its config, in this thread only, with every
+    tensor on meta while its construction is recorded; the wanted buffers are then replayed on the
+    CPU (see ``_Recording``). Built once per ``to_empty`` call."""
     key = id(owner)
     if key not in cache:
         cache[key] = None
-        from accelerate import init_empty_weights
-
-        cls = next(c for c in type(owner).__mro__  # FSDP2 swaps in a subclass; build the model's own
-                   if not c.__module__.startswith("torch.distributed"))
-        with init_empty_weights(include_buffers=False):
-            cache[key] = cls(owner.config)
-    skeleton = cache[key]
-    if skeleton is None:
+        cls, config = _own_class(owner), owner.config
+        cache[key] = _Recording.of(lambda: cls(config))
+    rec = cache[key]
+    if rec is None:
         return {}
-    sub = skeleton.get_submodule(rel) if rel else skeleton
-    return {n: sub._buffers.get(n) for n in names}
+    try:
+        sub = rec.result.get_submodule(rel) if rel else rec.result
+    except AttributeError:
+        return {}
+    return _take(sub, m, names, rec.replay)
+
+
+def _via_constructor(m, names) -> dict:
+    """``type(m)(m.config)``, recorded and replayed like the rebuild, only for a transformers class
+    whose constructor takes nothing but ``config`` (and ``device``, which only places tensors), so
+    the module's buffers are a function of the config it holds. Anything else (a user class, a
+    constructor argument the module does not keep, such as ModernBERT 4.x's rotary ``base``) is
+    not guessed: the buffer is named in the warning."""
+    import inspect
+    import sys
+
+    cls = _own_class(m)
+    config = m.__dict__.get("config")
+    cu = sys.modules.get("transformers.configuration_utils")
+    cfg_cls = getattr(cu, "PreTrainedConfig", None) or getattr(cu, "PretrainedConfig", None)
+    if (not cls.__module__.startswith("transformers.") or cfg_cls is None or not isinstance(config, cfg_cls)
+            or (_pretrained_cls() is not None and isinstance(m, _pretrained_cls()))):
+        return {}
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    if not params or params[0].name != "config" or any(
+            p.name != "device" or p.default is not None for p in params[1:]):
+        return {}
+    rec = _Recording.of(lambda: cls(config))
+    return _take(rec.result, m, names, rec.replay)
+
+
+# What transformers' BERT-style embeddings (BertEmbeddings, RobertaEmbeddings, ... on 4.x and 5.x)
+# register in __init__, as their source spells it (whitespace ignored).
+_IDS_SOURCE = {"position_ids": "torch.arange(config.max_position_embeddings).expand((1,-1))",
+               "token_type_ids": "torch.zeros(self.position_ids.size(),dtype=torch.long)"}
+
+
+def _via_ids(m, names) -> dict:
+    """BERT-style ``position_ids`` (0..N-1) / ``token_type_ids`` (zeros) of a module that keeps no
+    config to rebuild it from (per-module materialisation). Only for a transformers class whose own
+    ``__init__`` registers the buffer with exactly the expression in ``_IDS_SOURCE``, and only while
+    the buffer still has the shape that expression gives, ``(1, position_embeddings.num_embeddings)``,
+    and dtype int64: a buffer the user registered in its place (another length, another class) is
+    not guessed."""
+    import inspect
+
+    import torch
+
+    cls = _own_class(m)
+    pe = m._modules.get("position_embeddings")
+    n = getattr(pe, "num_embeddings", None)
+    if not cls.__module__.startswith("transformers.") or not isinstance(n, int):
+        return {}
+    src = "".join(inspect.getsource(cls.__init__).split())
+    out = {}
+    for name in names:
+        t = m._buffers[name]
+        if (name in _IDS_SOURCE and _IDS_SOURCE[name] in src and (f'"{name}"' in src or f"self.{name}=" in src)
+                and tuple(t.shape) == (1, n) and t.dtype == torch.long):
+            out[name] = torch.arange(n).expand((1, -1)) if name == "position_ids" else torch.zeros((1, n), dtype=torch.long)
+    return out
+
+
+# ----------------------------------------------------------------------------- recorded construction
+# Why not accelerate.init_empty_weights(include_buffers=False): it replaces nn.Module.register_parameter
+# process-wide while it runs, so a model built eagerly in another thread meanwhile gets meta parameters
+# (and two overlapping uses can leave it patched). Torch keeps the TorchFunctionMode stack per thread,
+# so a mode changes nothing for any other thread; torch.device("meta") is avoided too: its __enter__
+# sets the module global torch.utils._device.CURRENT_DEVICE.
+_RNG = frozenset({
+    "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "normal", "bernoulli",
+    "multinomial", "poisson", "dropout", "normal_", "uniform_", "bernoulli_", "random_", "exponential_",
+    "geometric_", "cauchy_", "log_normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+    "xavier_uniform_", "xavier_normal_", "orthogonal_", "sparse_"})
+_INPLACE = frozenset({"__setitem__", "__set__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
+                      "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
+                      "__irshift__", "__imatmul__"})
+_ESCAPES = frozenset({"untyped_storage", "storage", "_typed_storage", "numpy", "__dlpack__", "data_ptr",
+                      "__array__", "share_memory_"})
+
+
+class _Unreplayable(Exception):
+    pass
+
+
+def _flat(x, out: list) -> list:
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        out.append(x)
+    elif isinstance(x, (list, tuple)):
+        for y in x:
+            _flat(y, out)
+    elif isinstance(x, dict):
+        for y in x.values():
+            _flat(y, out)
+    return out
+
+
+def _key(t):
+    """Aliasing key: tensors sharing storage (views, ``.data``, a Parameter and its data) share it."""
+    try:
+        return t.untyped_storage()._cdata
+    except Exception:  # noqa: BLE001 - sparse, nested, ...: only itself
+        return ("id", id(t))
+
+
+class _Recording:
+    """A constructor run in this thread under a ``TorchFunctionMode`` that puts every factory call
+    without an explicit device on meta (what ``torch.device("meta")`` does) and logs every torch
+    call in order, with the storages each call read, wrote and produced. A meta buffer's value is
+    then recovered by replaying, on the CPU, exactly the logged calls it depends on (through
+    aliases and in-place writes). Refused (no value) when that lineage involves random numbers, a
+    meta tensor the log did not produce (e.g. made outside torch functions), a real tensor written
+    in place, or a call that exposes raw storage (writes the log cannot see)."""
+
+    def __init__(self, result, log):
+        self.result, self.log = result, log
+
+    @classmethod
+    def of(cls, build) -> _Recording:
+        import torch
+        from torch.overrides import TorchFunctionMode
+        from torch.utils._device import _device_constructors
+
+        factories = _device_constructors()
+        log: list = []
+
+        class Record(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                call = kwargs
+                if func in factories and kwargs.get("device") is None:
+                    call = {**kwargs, "device": torch.device("meta")}
+                name = getattr(func, "__name__", "")
+                written = []
+                first = None
+                if (name.endswith("_") and not name.endswith("__")) or name in _INPLACE:
+                    first = args[0] if args else kwargs.get("tensor", kwargs.get("input"))
+                    _flat(first, written)
+                if name in _RNG and isinstance(first, torch.Tensor) and first.is_meta:
+                    out = first  # a random fill of a meta tensor computes nothing (and is slow): logged only
+                else:
+                    out = func(*args, **call)
+                if "out" in kwargs:
+                    _flat(kwargs["out"], written)
+                ins = _flat((args, kwargs), [])
+                outs = _flat(out, [])
+                log.append((func, args, kwargs, out, name, {_key(t) for t in ins}, {_key(t) for t in outs},
+                            {_key(t) for t in written}))
+                return out
+
+        with Record():
+            result = build()
+        return cls(result, log)
+
+    def replay(self, wanted: list) -> dict:
+        """``{id(tensor): CPU value}`` for the wanted meta tensors that can be replayed; all at
+        once, or, if that is refused, one by one (one bad lineage does not spoil the others)."""
+        try:
+            return self._replay(wanted)
+        except _Unreplayable as e:
+            _logger().debug("replay of %d buffer(s) refused: %s", len(wanted), e)
+        out = {}
+        for t in wanted:
+            try:
+                out.update(self._replay([t]))
+            except _Unreplayable as e:
+                _logger().debug("replay refused: %s", e)
+        return out
+
+    def _replay(self, wanted: list) -> dict:
+        import torch
+
+        wanted = [t for t in wanted if t.is_meta]
+        need = {_key(t) for t in wanted}
+        steps = []
+        for i in range(len(self.log) - 1, -1, -1):  # backwards: what each needed storage depends on
+            ins, outs, written = self.log[i][5:]
+            if need & outs or need & written:
+                steps.append(i)
+                need |= ins | outs
+        steps.reverse()
+        for i in steps:
+            if self.log[i][4] in _RNG:
+                raise _Unreplayable(f"{self.log[i][4]}: random values cannot be recomputed")
+        written_anywhere = set().union(*(e[7] for e in self.log)) if self.log else set()
+        for e in self.log:
+            if e[4] in _ESCAPES and need & e[5]:
+                raise _Unreplayable(f"{e[4]}: raw storage exposed, writes through it are not logged")
+        real: dict = {}
+
+        def conv(x):
+            if isinstance(x, torch.Tensor):
+                r = real.get(id(x))
+                if r is not None:
+                    return r
+                if x.is_meta:
+                    raise _Unreplayable("a meta tensor not produced by a logged call")
+                if _key(x) in written_anywhere:
+                    raise _Unreplayable("a real tensor written in place during construction")
+                return x
+            if isinstance(x, (list, tuple)):
+                y = [conv(v) for v in x]
+                return type(x)(*y) if hasattr(x, "_fields") else type(x)(y)
+            if isinstance(x, dict):
+                return {k: conv(v) for k, v in x.items()}
+            return x
+
+        with torch.no_grad():
+            for i in steps:
+                func, args, kwargs, out = self.log[i][:4]
+                res = func(*conv(args), **conv(kwargs))
+                for o, r in zip(_flat(out, []), _flat(res, [])):
+                    real[id(o)] = r
+        got = {}
+        for t in wanted:
+            r = real.get(id(t))
+            if r is None or r.is_meta or r.shape != t.shape or r.dtype != t.dtype:
+                continue
+            got[id(t)] = r.detach().clone()
+        return got
 
 
 # ----------------------------------------------------------------------------- probe / apply

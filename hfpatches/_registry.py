@@ -413,6 +413,7 @@ class Engine:
         self.hooked: set[tuple[str, str]] = set()
         self.strict_for: dict[str, bool] = {}
         self.probe_for: dict[str, bool] = {}
+        self.manifest = None                 # _manifest.Writer, on the first write
 
     # -- selection -------------------------------------------------------------------------
     def select(self, only, exclude) -> tuple[list[str], dict[str, str]]:
@@ -622,32 +623,15 @@ class Engine:
             return Report(out)
 
     def write_manifest(self) -> None:
-        path = _env.get_path(_env.REPORT)
-        if not path:
-            return
-        from ._report import write_json_atomic
-        from ._version import __version__
+        """This process's record under ``HFPATCHES_REPORT`` (hfpatches/_manifest.py); rewritten
+        only when an outcome changed, never raises."""
+        raw = _env.get_path(_env.REPORT)
+        if raw:
+            if self.manifest is None:
+                from ._manifest import Writer
 
-        reg = registry()
-        versions = {}
-        for p in reg.values():
-            for line in p.requires:
-                from packaging.requirements import Requirement
-
-                name = Requirement(line).name
-                versions[name] = dist_version(name)
-        payload = {
-            "hfpatches": __version__,
-            "python": sys.version.split()[0],
-            "pid": os.getpid(),
-            "versions": versions,
-            "patches": {pid: r.to_dict() for pid, r in self.results.items()},
-            "live": sorted(pid for pid in reg if self.recorder.records(pid)),
-        }
-        try:
-            write_json_atomic(path, payload)
-        except OSError as e:
-            _log(30, "could not write %s=%s: %s", _env.REPORT, path, e)
+                self.manifest = Writer()
+            self.manifest.write(self.status(), raw)
 
 
 ENGINE = Engine()

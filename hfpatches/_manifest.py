@@ -183,7 +183,9 @@ class Writer:
                 self.forked_from, self.file, self.last = self.pid, None, None
             self.pid = pid
             self.started = process_start()
-        state = tuple((k, r.outcome, r.reason, r.target_version) for k, r in report.items())
+        # APPLIED -> ALREADY_APPLIED (a repeated apply()) changes nothing worth a write
+        state = tuple((k, "live") if r.outcome in _LIVE else (k, r.outcome, r.reason, r.target_version)
+                      for k, r in report.items())
         if state == self.last and raw == self.raw:
             return self.file
         if raw != self.raw or self.target is None:
@@ -463,8 +465,12 @@ def load(path: str) -> tuple[list[dict], list[tuple[str, str]], str, list[str]]:
 
 def _read_json(file: str):
     import json
+    import stat
 
     try:
+        st = os.stat(file)
+        if not stat.S_ISREG(st.st_mode):   # a FIFO named *.json would block the read forever
+            return None, f"{_kind(st.st_mode)}, not a regular file"
         with open(file, "rb") as fh:
             raw = fh.read(16 * 1024 * 1024 + 1)
     except OSError as e:
@@ -556,7 +562,7 @@ def analyse(records: list[dict]) -> dict:
             parent = by_pid.get((r["host"], r["ppid"]))
             if r["started_by"] in ("multiprocessing", "fork"):
                 r["role"] = f"child of {r['parent'] or r['forked_from'] or r['ppid']} ({r['started_by']})"
-            elif parent is not None and parent in cands and parent["rank"] == r["rank"]:
+            elif parent is not None and parent is not r and parent in cands and parent["rank"] == r["rank"]:
                 r["role"] = f"child of {parent['pid']}"
             else:
                 r["role"] = "rank"

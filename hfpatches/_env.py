@@ -14,7 +14,9 @@ DISABLE = "HFPATCHES_DISABLE"
 STRICT = "HFPATCHES_STRICT"
 #: ``0``: skip the behavioural probes and trust the version ranges.
 PROBE = "HFPATCHES_PROBE"
-#: Path of a JSON run manifest, rewritten whenever an outcome changes.
+#: Run manifest: a directory (existing, or ending in ``/``) gets one JSON record per process;
+#: any other path ``FILE`` is an index, with the records in ``FILE.d/`` (see ``_manifest.py``).
+#: Each process rewrites only its own record, when one of its outcomes changes.
 REPORT = "HFPATCHES_REPORT"
 #: ``1``: apply at interpreter start (through the installed ``hfpatches_auto.pth``).
 AUTO = "HFPATCHES_AUTO"

@@ -10,6 +10,14 @@ import importlib
 from ._report import Outcome, PatchError, PatchResult, Report
 from ._version import __version__
 
+# ``collections.abc.Iterable`` without importing ``collections`` (start-up budget); real names,
+# so that ``typing.get_type_hints`` works on the public functions.
+from _collections_abc import Iterable
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from ._declare import Patch
+
 # Nothing heavy here (no torch/transformers, not even typing/contextlib/wrapt): see _hooks.py.
 
 __all__ = [
@@ -20,7 +28,7 @@ __all__ = [
 ]
 
 
-def apply(only: "Iterable[str] | str | None" = None, exclude: "Iterable[str] | str" = (), *,
+def apply(only: Iterable[str] | str | None = None, exclude: Iterable[str] | str = (), *,
           strict: bool | None = None) -> Report:
     """Apply the selected patches (default: every default-on patch). Idempotent, thread-safe.
 
@@ -28,7 +36,7 @@ def apply(only: "Iterable[str] | str | None" = None, exclude: "Iterable[str] | s
     ``HFPATCHES_STRICT``. Under strict, FAILED / TARGET_CHANGED / CONFLICT raise
     :class:`PatchError` (for a DEFERRED patch: when its target is imported).
     """
-    from ._registry import ENGINE
+    from ._engine import ENGINE
 
     if isinstance(only, str):
         only = [s.strip() for s in only.split(",") if s.strip()]
@@ -37,16 +45,16 @@ def apply(only: "Iterable[str] | str | None" = None, exclude: "Iterable[str] | s
     return ENGINE.apply(only, tuple(exclude or ()), strict)
 
 
-def revert(names: "Iterable[str] | str | None" = None) -> Report:
+def revert(names: Iterable[str] | str | None = None) -> Report:
     """Restore the originals of the named patches (default: all). Exact: identity holds after."""
-    from ._registry import ENGINE
+    from ._engine import ENGINE
 
     return ENGINE.revert(names if names is None or isinstance(names, str) else list(names))
 
 
 def status() -> Report:
     """What is live now. No side effects: no probe runs, nothing is imported."""
-    from ._registry import ENGINE
+    from ._engine import ENGINE
 
     return ENGINE.status()
 
@@ -65,15 +73,14 @@ class patched:
         self._before: set[str] = set()
 
     def __enter__(self) -> Report:
-        from ._registry import ENGINE
+        from ._engine import ENGINE
 
-        with ENGINE.lock:
-            self._before = {pid for pid in ENGINE.status() if ENGINE.recorder.records(pid)}
+        self._before = set(ENGINE.live_ids())
         self.report = apply(list(self.names) if self.names else None)
         return self.report
 
-    def __exit__(self, *exc) -> None:
-        from ._registry import ENGINE
+    def __exit__(self, *exc: object) -> None:
+        from ._engine import ENGINE
 
         mine = [pid for pid, r in (self.report or {}).items()
                 if pid not in self._before and (ENGINE.recorder.records(pid) or r.outcome == Outcome.DEFERRED)]
@@ -87,7 +94,7 @@ class PatchInfo:
     __slots__ = ("id", "summary", "upstream", "requires", "fixed_in", "targets", "default_enabled",
                  "enable_env", "affected", "verified_stacks")
 
-    def __init__(self, p) -> None:
+    def __init__(self, p: Patch) -> None:
         for k in self.__slots__:
             setattr(self, k, getattr(p, k))
         self.targets = tuple(t.path for t in p.targets)
@@ -102,15 +109,15 @@ def list_patches() -> list[PatchInfo]:
     return [PatchInfo(p) for p in registry().values()]
 
 
-def get_original(name_or_target):
+def get_original(name_or_target: object) -> object:
     """The unpatched object for a patch id, a dotted attribute path, or a patched object."""
-    from ._registry import get_original as _go
+    from ._engine import get_original as _go
 
     return _go(name_or_target)
 
 
 _LAZY = {
-    "materialize": "hfpatches.patches.meta_buffers",
+    "materialize": "hfpatches.patches.meta_buffers.impl",
     "peft_state_dict": "hfpatches.peft_keys",
     "explain_load": "hfpatches.loading",
     "LoadReport": "hfpatches.loading",
@@ -120,7 +127,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'hfpatches' has no attribute {name!r}")

@@ -1,104 +1,29 @@
-"""``python -m hfpatches`` / ``hfpatches``: doctor, list, demo, inspect, report."""
+"""``python -m hfpatches`` / ``hfpatches``: doctor, audit, list, demo, inspect, report."""
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import logging
-import platform
 import sys
-
-VERSIONED = ("torch", "transformers", "peft", "accelerate", "liger-kernel", "flash-attn", "flair", "trl")
-
-
-def _versions() -> dict[str, str | None]:
-    from ._registry import dist_version
-
-    out: dict[str, str | None] = {"python": platform.python_version(), "hfpatches": None}
-    from ._version import __version__
-
-    out["hfpatches"] = __version__
-    for name in VERSIONED:
-        out[name] = dist_version(name)
-    if out["torch"]:
-        try:
-            import torch
-
-            cuda = torch.version.cuda
-            out["torch"] += f" (CUDA {cuda}, device: {'yes' if torch.cuda.is_available() else 'no'})" if cuda \
-                else " (CPU build)"
-        except Exception as e:  # pragma: no cover - broken torch install
-            out["torch"] += f" (import failed: {e})"
-    return out
-
-
-def doctor(as_json: bool = False, strict: bool = False) -> int:
-    """Apply everything, import every installed target so deferred patches attach, report."""
-    import hfpatches
-    from ._registry import ENGINE, registry
-    from ._report import BAD_OUTCOMES, Outcome
-
-    versions = _versions()
-    report = hfpatches.apply()
-    import_errors: dict[str, str] = {}
-    for pid, res in report.items():
-        if res.outcome != Outcome.DEFERRED:
-            continue
-        for mod in registry()[pid].modules:
-            try:
-                importlib.import_module(mod)
-            except Exception as e:  # the target cannot even be imported here: say why
-                import_errors[pid] = f"target {mod} cannot be imported here: {type(e).__name__}: {e}"
-                break
-    final = hfpatches.status()
-    rows = []
-    bad = False
-    for pid, patch in registry().items():
-        r = final[pid]
-        reason = import_errors.get(pid, r.reason) if r.outcome == Outcome.DEFERRED else r.reason
-        not_live_in_range = r.in_range and r.outcome not in (Outcome.APPLIED, Outcome.ALREADY_APPLIED,
-                                                              Outcome.NOT_AFFECTED, Outcome.DISABLED)
-        if r.outcome in BAD_OUTCOMES or not_live_in_range:
-            bad = True
-        probe = {True: "bug present", False: "no bug", None: "-"}[r.bug_present]
-        rows.append({"patch": pid, "target": r.target_version or "-",
-                     "in_range": {True: "yes", False: "no", None: "-"}[r.in_range],
-                     "probe": probe, "outcome": r.outcome.value, "reason": reason})
-    if as_json:
-        print(json.dumps({"versions": versions, "patches": rows, "ok": not bad}, indent=2))
-    else:
-        print("hfpatches doctor")
-        for k, v in versions.items():
-            print(f"  {k:<13} {v or 'not installed'}")
-        print()
-        cols = ("patch", "target", "in_range", "probe", "outcome")
-        w = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in cols}
-        print("  ".join(c.ljust(w[c]) for c in cols) + "  reason")
-        print("  ".join("-" * w[c] for c in cols) + "  ------")
-        for r in rows:
-            print("  ".join(r[c].ljust(w[c]) for c in cols) + "  " + r["reason"])
-        if strict:
-            print("\nstrict: " + ("FAIL: a fix that should be live is not" if bad else "ok"))
-    return 1 if (strict and bad) else 0
-
-
-def list_cmd() -> int:
-    import hfpatches
-
-    for p in hfpatches.list_patches():
-        on = "default on" if p.default_enabled else f"opt-in ({p.enable_env or 'only='})"
-        print(f"{p.id:<24} {on:<36} requires {', '.join(p.requires)}; fixed in {p.fixed_in or 'not yet'}")
-        print(f"{'':<24} {p.summary}")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run one sub-command; returns the exit status."""
     ap = argparse.ArgumentParser(prog="hfpatches", description=__doc__)
     ap.add_argument("-v", "--verbose", action="store_true", help="log every outcome (INFO)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("doctor", help="versions, then per patch: in range?, probe, outcome, reason")
     d.add_argument("--json", action="store_true")
     d.add_argument("--strict", action="store_true", help="exit 1 if a fix that should be live is not")
+    au = sub.add_parser("audit", help="judge a pin set offline: which patches its pins are affected by")
+    au.add_argument("files", nargs="+", metavar="FILE",
+                    help="requirements/constraints file, pip freeze output ('-': stdin), uv.lock, poetry.lock, "
+                         "pylock.toml")
+    au.add_argument("--json", action="store_true")
+    au.add_argument("--fail-on", default=None, metavar="STATUS[,STATUS]",
+                    help="exit 1 when a patch ends with one of these statuses (e.g. 'affected')")
+    au.add_argument("--marker-env", action="append", metavar="NAME=VALUE",
+                    help="evaluate environment markers for another target (default: this interpreter), "
+                         "e.g. sys_platform=linux; repeatable")
     sub.add_parser("list", help="the registered patches")
     dm = sub.add_parser("demo", help="every bug reproduced, then fixed, on real small models")
     dm.add_argument("--only", default=None, help="comma list of patch ids")
@@ -116,9 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if args.cmd == "doctor":
-        return doctor(args.json, args.strict)
+        from . import _doctor
+
+        return _doctor.doctor(args.json, args.strict)
+    if args.cmd == "audit":
+        from . import _audit
+
+        return _audit.main(args)
     if args.cmd == "list":
-        return list_cmd()
+        from . import _doctor
+
+        return _doctor.list_cmd()
     if args.cmd == "demo":
         from . import _demo
 

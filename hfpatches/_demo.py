@@ -11,8 +11,12 @@ import os
 import sys
 import time
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Callable
 
-def _say(prefix: str):
+
+def _say(prefix: str) -> Callable[..., None]:
     def say(line: str = "") -> None:
         print(f"{prefix}{line}", flush=True)
 
@@ -31,10 +35,10 @@ def main(only: str | None = None) -> int:
     if unknown:
         print(f"unknown patch id(s): {', '.join(unknown)}; valid ids: {', '.join(sorted(reg))}", file=sys.stderr)
         return 2
-    from .__main__ import _versions
+    from ._doctor import versions
 
     print("hfpatches demo: each bug reproduced without the patch, then with it")
-    print("  " + ", ".join(f"{k} {v}" for k, v in _versions().items() if v))
+    print("  " + ", ".join(f"{k} {v}" for k, v in versions().items() if v))
     failed: list[str] = []
     t_all = time.perf_counter()
     for pid in ids:

@@ -24,8 +24,28 @@ AUTO = "HFPATCHES_AUTO"
 STRICT_LOADS = "HFPATCHES_STRICT_LOADS"
 #: ``backbone`` (default) or ``float32``: the compute dtype policy of ``peft_save_load``.
 DTYPE_POLICY = "HFPATCHES_DTYPE_POLICY"
+DTYPE_POLICIES = ("backbone", "float32")
+#: Directory for the real test/demo weights (dequantized SmolLM2); default ``~/.cache/hfpatches``.
+CACHE = "HFPATCHES_CACHE"
+#: Internal: the pid whose start-up already ran ``HFPATCHES_AUTO`` (a child re-runs it).
+AUTOSTARTED = "_HFPATCHES_AUTOSTARTED"
 
-ALL = (ONLY, DISABLE, STRICT, PROBE, REPORT, AUTO, STRICT_LOADS, DTYPE_POLICY)
+#: Launcher conventions, read (never set) for the run manifest: (rank, local rank, world size)
+#: variables, most specific first. torchrun and multi-process ``accelerate launch`` set the torch
+#: ones; Open MPI, MPICH / Intel MPI and MVAPICH (accelerate's mpirun path) theirs; ``srun`` SLURM's.
+RANK_SOURCES = (
+    ("RANK", "LOCAL_RANK", "WORLD_SIZE"),
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"),
+    ("PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE"),
+    ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_SIZE"),
+    ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"),
+)
+#: What tells one launch from another (and a torchelastic restart), recorded with the rank.
+RUN_VARS = ("SLURM_JOB_ID", "SLURM_STEP_ID", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
+            "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "SLURM_NODEID")
+
+#: Every variable a user sets (tests clear these for a clean slate).
+ALL = (ONLY, DISABLE, STRICT, PROBE, REPORT, AUTO, STRICT_LOADS, DTYPE_POLICY, CACHE)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -50,6 +70,8 @@ def get_list(name: str) -> tuple[str, ...] | None:
     if raw is None or not raw.strip():
         return None
     items = tuple(p.strip() for p in raw.split(",") if p.strip())
+    if not items:
+        raise ValueError(f"{name}={raw!r} names no patch id: unset it, or list ids like 'meta_buffers,peft_save_load'")
     for item in items:
         if item != "*" and not item.replace("_", "").isalnum():
             raise ValueError(f"{name}={raw!r}: {item!r} is not a patch id (ids are like 'meta_buffers')")
@@ -68,4 +90,28 @@ def get_choice(name: str, choices: tuple[str, ...], default: str) -> str:
 
 def get_path(name: str) -> str | None:
     raw = os.environ.get(name)
-    return raw.strip() or None if raw is not None else None
+    return (raw.strip() or None) if raw is not None else None
+
+
+def get_raw(name: str) -> str | None:
+    """The value as set (None when unset); for variables with no syntax to check."""
+    return os.environ.get(name)
+
+
+def get_set(names) -> dict[str, str]:
+    """``{name: value}`` of those ``names`` that are set, as set."""
+    return {k: os.environ[k] for k in names if k in os.environ}
+
+
+def set_raw(name: str, value: str) -> None:
+    os.environ[name] = value
+
+
+def validate() -> None:
+    """Check every switch ``apply()`` depends on, so a typo fails at apply time, never later."""
+    get_bool(STRICT, False)
+    get_bool(PROBE, True)
+    get_bool(STRICT_LOADS, False)
+    get_choice(DTYPE_POLICY, DTYPE_POLICIES, DTYPE_POLICIES[0])
+    get_list(ONLY)
+    get_list(DISABLE)

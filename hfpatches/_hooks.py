@@ -1,7 +1,7 @@
-"""Lazy attach (wrapt post-import hooks) and the ``HFPATCHES_AUTO`` startup hook.
+"""Post-import hooks: ``when_imported(module, callback)``. A leaf: imports nothing of ours.
 
 wrapt 2.x imports asyncio, inspect and importlib.metadata (tens of ms), which would blow the
-start-up budget of ``import hfpatches; apply()`` (<= 15 ms) when no target is imported yet. So
+start-up budget of ``import hfpatches; apply()`` (<= 5 ms over a bare interpreter) when no target is imported yet. So
 until a target package is first imported, a tiny ``sys.meta_path`` sentinel waits for the
 top-level names (``torch``, ``flash_attn``, ...). On the first such import it removes itself,
 imports wrapt, registers wrapt's post-import hooks for every awaited module and hands that very
@@ -10,19 +10,24 @@ hook machinery itself.
 """
 from __future__ import annotations
 
-import sys
 import _thread
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Callable
+    from typing import Any
 
 _lock = _thread.RLock()
-_pending: dict[str, list] = {}      # awaited module -> callbacks, before wrapt takes over
-_sentinel = None
+_pending: dict[str, list[Callable[[Any], None]]] = {}      # awaited module -> callbacks, before wrapt takes over
+_sentinel: _Sentinel | None = None
 _wrapt_live = False
 
 
 class _Sentinel:
     """``sys.meta_path`` entry: fires once, on the first import of an awaited top-level package."""
 
-    def find_spec(self, fullname, path=None, target=None):
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
         if fullname.partition(".")[0] not in {m.partition(".")[0] for m in _pending}:
             return None
         _activate()
@@ -53,7 +58,7 @@ def _activate() -> None:
             wrapt.register_post_import_hook(cb, module)
 
 
-def when_imported(module: str, callback) -> None:
+def when_imported(module: str, callback: Callable[[Any], None]) -> None:
     """Call ``callback(module_object)`` once ``module`` is imported (now, if it already is)."""
     global _sentinel
     with _lock:
@@ -69,44 +74,3 @@ def when_imported(module: str, callback) -> None:
     import wrapt
 
     wrapt.register_post_import_hook(callback, module)
-
-
-def attach_on_import(engine, module: str, patch_id: str) -> None:
-    """Run ``engine.on_import(patch_id)`` once ``module`` has been imported (once per pair)."""
-    key = (module, patch_id)
-    if key in engine.hooked:
-        return
-    engine.hooked.add(key)
-
-    def hook(mod, _pid=patch_id, _key=key):
-        engine.hooked.discard(_key)
-        engine.on_import(_pid, getattr(mod, "__name__", None))
-
-    when_imported(module, hook)
-
-
-def autostart() -> None:
-    """Entry of ``hfpatches_auto.pth`` when ``HFPATCHES_AUTO`` is set: apply with env settings.
-
-    Never breaks interpreter start-up: a malformed setting is printed to stderr and the process
-    goes on unpatched, except under ``HFPATCHES_STRICT=1``, where the interpreter exits with
-    status 1 (a run that must have its fixes does not start without them). site.py swallows
-    exceptions raised in a .pth line, hence SystemExit.
-    """
-    import os
-
-    from . import _env
-
-    if os.environ.get("_HFPATCHES_AUTOSTARTED") == str(os.getpid()):
-        return
-    os.environ["_HFPATCHES_AUTOSTARTED"] = str(os.getpid())
-    try:
-        from ._registry import ENGINE
-
-        ENGINE.apply(None, (), None, startup=True)
-    except Exception as e:
-        strict = os.environ.get(_env.STRICT, "").strip().lower() in ("1", "true", "yes", "on")
-        print(f"hfpatches: {_env.AUTO}=1 but apply() failed: {type(e).__name__}: {e}", file=sys.stderr)
-        if strict:
-            print(f"hfpatches: {_env.STRICT}=1: refusing to start without the fixes", file=sys.stderr)
-            raise SystemExit(1)

@@ -34,7 +34,7 @@ Record fields: ``hfpatches_record`` (format, 1), ``pid``, ``ppid``, ``host``, ``
 (process start, UTC ISO 8601) and ``started_unix``, ``written``, ``argv0``, ``started_by``
 (``"multiprocessing"`` for spawn/forkserver children and multiprocessing helpers, ``"fork"`` for
 a fork of a recorded process, else null), ``forked_from``, ``rank`` / ``local_rank`` /
-``world_size`` and ``rank_source`` (the first launcher convention found, see ``RANK_SOURCES``),
+``world_size`` and ``rank_source`` (the first launcher convention found, ``_env.RANK_SOURCES``),
 ``run`` (the launch it belongs to: SLURM job step, torchelastic run id, or master address),
 ``restart`` (torchelastic restart count), ``env`` (the launcher and ``HFPATCHES_*`` variables that
 were set), ``hfpatches``, ``python``, ``versions``, ``patches`` ({id: outcome, reason,
@@ -45,20 +45,9 @@ from __future__ import annotations
 import os
 import sys
 
-RECORD_FORMAT = 1
+from ._env import RANK_SOURCES, RUN_VARS  # the launcher variables, documented there
 
-#: Launcher conventions, most specific first: (rank, local rank, world size) variables.
-#: torchrun and ``accelerate launch`` (multi-process) set the torch ones; accelerate's mpirun
-#: path and MPI launchers the MPI ones; ``srun`` the SLURM ones.
-RANK_SOURCES = (
-    ("RANK", "LOCAL_RANK", "WORLD_SIZE"),
-    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"),
-    ("PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE"),
-    ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_SIZE"),
-    ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"),
-)
-_RUN_VARS = ("SLURM_JOB_ID", "SLURM_STEP_ID", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
-             "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "SLURM_NODEID")
+RECORD_FORMAT = 1
 #: distribution -> module whose ``__version__`` is recorded when it is imported in the process
 _VERSIONED = (("torch", "torch"), ("transformers", "transformers"), ("peft", "peft"),
               ("accelerate", "accelerate"), ("liger-kernel", "liger_kernel"), ("flash-attn", "flash_attn"),
@@ -206,9 +195,11 @@ class Writer:
         if raw in self.warned:
             return
         self.warned.add(raw)
-        import logging
+        import logging  # noqa: F401  (imported here: the WARNING must reach stderr now, not wait)
 
-        logging.getLogger("hfpatches").warning("%s", msg)
+        from ._log import WARNING, log
+
+        log(WARNING, "%s", msg)
 
 
 def host() -> str:
@@ -252,7 +243,8 @@ def launch_info(environ=None) -> dict:
     """rank / local_rank / world_size / rank_source / run / restart / env from the environment."""
     from . import _env
 
-    env = os.environ if environ is None else environ
+    names = list(dict.fromkeys([v for src in RANK_SOURCES for v in src] + list(RUN_VARS) + list(_env.ALL)))
+    env = _env.get_set(names) if environ is None else {k: environ[k] for k in names if k in environ}
     out: dict = {"rank": None, "local_rank": None, "world_size": None, "rank_source": None}
     for rank_var, local_var, size_var in RANK_SOURCES:
         rank = _int(env.get(rank_var))
@@ -270,8 +262,7 @@ def launch_info(environ=None) -> dict:
         run = None
     out["run"] = run
     out["restart"] = _int(env.get("TORCHELASTIC_RESTART_COUNT"))
-    names = [v for src in RANK_SOURCES for v in src] + list(_RUN_VARS) + list(_env.ALL)
-    out["env"] = {k: env[k] for k in dict.fromkeys(names) if k in env}
+    out["env"] = env
     return out
 
 

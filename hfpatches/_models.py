@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import _env
+
 SENTENCES = [
     "The cat sat on the mat.",
     "Gradient checkpointing trades compute for memory during training.",
@@ -42,7 +44,7 @@ def smollm2_gguf() -> tuple[str, str]:
 
 
 def cache_root() -> Path:
-    root = os.environ.get("HFPATCHES_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hfpatches")
+    root = _env.get_path(_env.CACHE) or os.path.join(os.path.expanduser("~"), ".cache", "hfpatches")
     return Path(root)
 
 

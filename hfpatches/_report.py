@@ -3,6 +3,12 @@ from __future__ import annotations
 
 import os
 
+from ._declare import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any
+
 # No enum/dataclasses/typing/json/collections at import time: ``import hfpatches; apply()``
 # must stay within its start-up budget (<= 15 ms); see benchmarks/startup.py.
 
@@ -64,37 +70,30 @@ class PatchError(RuntimeError):
         super().__init__("hfpatches: fixes that should be live are not:\n  " + "\n  ".join(bad))
 
 
-class PatchResult:
-    """One patch's outcome, with a human reason (immutable)."""
+class PatchResult(Record):
+    """One patch's outcome, with a human reason (immutable).
+
+    ``target_version``: ``"flash-attn 2.8.3"`` style, or None; ``in_range``: the installed version
+    is inside ``requires``; ``bug_present``: the probe's verdict before applying (None: not probed).
+    """
 
     __slots__ = ("patch_id", "outcome", "reason", "target_version", "in_range", "bug_present")
+    _defaults = {"target_version": None, "in_range": None, "bug_present": None}
+    patch_id: str
+    outcome: Outcome
+    reason: str
+    target_version: str | None
+    in_range: bool | None
+    bug_present: bool | None
 
-    def __init__(self, patch_id: str, outcome: Outcome, reason: str, target_version: str | None = None,
-                 in_range: bool | None = None, bug_present: bool | None = None) -> None:
-        set_ = object.__setattr__
-        set_(self, "patch_id", patch_id)
-        set_(self, "outcome", Outcome(outcome))
-        set_(self, "reason", reason)
-        set_(self, "target_version", target_version)   # "flash-attn 2.8.3" style, or None
-        set_(self, "in_range", in_range)               # the installed version is inside `requires`
-        set_(self, "bug_present", bug_present)         # probe verdict before applying (None: not probed)
-
-    def __setattr__(self, name, value):
-        raise AttributeError("PatchResult is immutable")
-
-    def _tuple(self) -> tuple:
-        return tuple(getattr(self, k) for k in self.__slots__)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, PatchResult) and self._tuple() == other._tuple()
-
-    def __hash__(self) -> int:
-        return hash(self._tuple())
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        object.__setattr__(self, "outcome", Outcome(self.outcome))
 
     def __repr__(self) -> str:
         return f"PatchResult({self.patch_id!r}, {self.outcome.value}, {self.reason!r})"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__slots__}
         d["outcome"] = self.outcome.value
         return d

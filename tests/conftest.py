@@ -16,9 +16,11 @@ os.environ.setdefault("HFPATCHES_CACHE", str(ROOT / ".cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-for _v in ("HFPATCHES_ONLY", "HFPATCHES_DISABLE", "HFPATCHES_STRICT", "HFPATCHES_PROBE",
-           "HFPATCHES_REPORT", "HFPATCHES_AUTO", "HFPATCHES_STRICT_LOADS", "HFPATCHES_DTYPE_POLICY"):
-    os.environ.pop(_v, None)
+from hfpatches import _env  # noqa: E402
+
+for _v in _env.ALL:
+    if _v != _env.CACHE:
+        os.environ.pop(_v, None)
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
@@ -44,8 +46,9 @@ def stack() -> str:
 
 
 def pytest_report_header(config):
-    names = ("torch", "transformers", "peft", "accelerate", "liger-kernel", "trl", "flair", "flash-attn")
-    return f"stack: {current_stack()} ({', '.join(f'{n}={_version(n)}' for n in names)})"
+    from hfpatches._doctor import STACK
+
+    return f"stack: {current_stack()} ({', '.join(f'{n}={_version(n)}' for n in STACK)})"
 
 
 @pytest.fixture(scope="session")

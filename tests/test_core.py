@@ -13,7 +13,9 @@ import wrapt
 
 import hfpatches
 from hfpatches import Outcome, PatchError
-from hfpatches._registry import ENGINE, Patch, ProbeResult, Target, _register_for_tests, registry
+from hfpatches._declare import Patch, ProbeResult, Target
+from hfpatches._engine import ENGINE
+from hfpatches._registry import register_for_tests as _register_for_tests, registry
 from _fakes import forget, make_fake
 
 HEAVY = ("torch", "transformers", "peft", "flash_attn", "liger_kernel", "flair", "accelerate", "trl", "triton")
@@ -491,7 +493,8 @@ def test_cli_list_and_doctor_json(py):
 def test_cli_doctor_strict_fails_on_bad_outcome(py):
     code = """
         import sys
-        from hfpatches._registry import Patch, Target, _register_for_tests
+        from hfpatches._declare import Patch, Target
+        from hfpatches._registry import register_for_tests as _register_for_tests
         _register_for_tests(Patch(id="fake_changed", summary="", upstream=(), requires=("packaging>=1",),
             fixed_in=None, targets=(Target("packaging.version", "Version.__init__", params=("nope",)),),
             probe=lambda: True, apply=lambda ctx: None))

@@ -9,6 +9,7 @@ asserted is that every order and switch agrees with it and that revert restores 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -16,144 +17,34 @@ from hfpatches._registry import registry
 
 PATCH_IDS = sorted(registry())
 
-PRELUDE = r'''
-import importlib, importlib.util, json, os, sys
-import hfpatches
-from hfpatches._registry import registry, ENGINE
-PID = %(pid)r
-P = registry()[PID]
+CASES = Path(__file__).with_name("lifecycle_cases.py")
 
-def import_targets():
-    """Import the patch's target modules; False when the target is not installed here."""
-    if any(m.split(".")[0] == "flash_attn" for m in P.modules):
-        if importlib.util.find_spec("flash_attn") is None:
-            return False
-        from _stubs import install_flash_attn_cpu_stubs
-        install_flash_attn_cpu_stubs()
-    try:
-        for m in P.modules:
-            importlib.import_module(m)
-    except ImportError:
-        return False
-    return True
-
-_MISSING = object()
-
-def snapshot():
-    out = {}
-    for t in P.targets:
-        if t.module not in sys.modules:
-            continue
-        try:
-            owner, name, raw = t.resolve()
-        except (AttributeError, KeyError):
-            continue
-        out[t.path] = (owner, name, raw, name in getattr(owner, "__dict__", {}))
-    return out
-
-def same(before):
-    for path, (owner, name, raw, own) in before.items():
-        now_own = name in getattr(owner, "__dict__", {})
-        now = owner.__dict__.get(name, _MISSING) if own else _MISSING
-        if own and now is not raw:
-            return f"{path} is not the original object"
-        if now_own != own:
-            return f"{path}: own attribute {'added' if now_own else 'removed'}"
-    return "same"
-
-def outcome(rep):
-    return rep[PID].outcome.value
-
-def emit(**kw):
-    print("RESULT " + json.dumps(kw))
-'''
-
-CASES = {
-    "import_then_apply": '''
-ok = import_targets()
-before = snapshot()
-rep = hfpatches.apply(only=[PID])
-live = bool(ENGINE.recorder.records(PID))
-emit(installed=ok, outcome=outcome(rep), live=live, reason=rep[PID].reason)
-''',
-    "apply_then_import": '''
-first = outcome(hfpatches.apply(only=[PID]))
-ok = import_targets()
-st = hfpatches.status()
-emit(installed=ok, first=first, outcome=st[PID].outcome.value, live=bool(ENGINE.recorder.records(PID)))
-''',
-    "apply_twice": '''
-ok = import_targets()
-a = outcome(hfpatches.apply(only=[PID]))
-b = outcome(hfpatches.apply(only=[PID]))
-emit(installed=ok, first=a, second=b)
-''',
-    "apply_revert_apply_identity": '''
-ok = import_targets()
-before = snapshot()
-a = outcome(hfpatches.apply(only=[PID]))
-changed = same(before) != "same"
-r = outcome(hfpatches.revert([PID]))
-after_revert = same(before)
-original = hfpatches.get_original(PID)
-c = outcome(hfpatches.apply(only=[PID]))
-hfpatches.revert([PID])
-emit(installed=ok, first=a, changed=changed, revert=r, after_revert=after_revert, again=c, final=same(before))
-''',
-    "revert_without_apply": '''
-ok = import_targets()
-before = snapshot()
-r = hfpatches.revert([PID])
-emit(installed=ok, outcome=outcome(r), identity=same(before))
-''',
-    "patched_restores_on_exception": '''
-ok = import_targets()
-before = snapshot()
-inside = None
-try:
-    with hfpatches.patched(PID) as rep:
-        inside = outcome(rep)
-        raise KeyError("boom")
-except KeyError:
-    pass
-emit(installed=ok, inside=inside, identity=same(before), live=bool(ENGINE.recorder.records(PID)))
-''',
-    "env_disable": '''
-os.environ["HFPATCHES_DISABLE"] = PID
-ok = import_targets()
-before = snapshot()
-rep = hfpatches.apply()
-emit(installed=ok, outcome=outcome(rep), reason=rep[PID].reason, identity=same(before))
-''',
-    "env_only": '''
-os.environ["HFPATCHES_ONLY"] = PID
-ok = import_targets()
-rep = hfpatches.apply()
-others = sorted({r.outcome.value for k, r in rep.items() if k != PID})
-emit(installed=ok, outcome=outcome(rep), others=others)
-''',
-    "strict_raises_when_fix_does_not_verify": '''
-os.environ["HFPATCHES_STRICT"] = "1"
-ok = import_targets()
-before = snapshot()
-first = hfpatches.apply(only=[PID])   # an honest outcome never raises under strict
-normal, in_range = outcome(first), first[PID].in_range
-hfpatches.revert([PID])
-object.__setattr__(P, "probe", lambda: True)    # a fix that never verifies
-raised = None
-try:
-    hfpatches.apply(only=[PID])
-except hfpatches.PatchError as e:
-    raised = str(e)
-emit(installed=ok, normal=normal, in_range=in_range, raised=raised, identity=same(before))
-''',
+# What a user may import first, per patch, beyond each target module and its top-level package.
+# A probe that imports a module which may be mid-import at that moment fails here.
+FIRST_IMPORTS_EXTRA = {
+    "strict_loads": ["from transformers import BertModel", "from transformers import AutoModel"],
+    "meta_buffers": ["transformers.models.llama.modeling_llama"],
+    "liger_flash_kwargs": ["liger_kernel.transformers.model.loss_utils", "liger_kernel.transformers.monkey_patch"],
+    "peft_save_load": ["flair.models"],
 }
+
+
+def first_imports(pid: str) -> list[str]:
+    p = registry()[pid]
+    out = []
+    for m in p.modules:
+        out += [m.partition(".")[0], m]
+    return list(dict.fromkeys(out + FIRST_IMPORTS_EXTRA.get(pid, [])))
+
+
+FIRST = [(pid, m) for pid in PATCH_IDS for m in first_imports(pid)]
 
 OK = {"APPLIED", "NOT_AFFECTED", "NOT_INSTALLED"}
 
 
-def run_case(py, pid: str, case: str) -> dict:
-    proc = py(PRELUDE % {"pid": pid} + CASES[case])
+def run_case(py, pid: str, case: str, arg: str = "") -> dict:
+    proc = py(f"import runpy, sys; sys.argv = [{str(CASES)!r}, {pid!r}, {case!r}, {arg!r}]; "
+              f"runpy.run_path({str(CASES)!r}, run_name='__main__')")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, proc.stdout + proc.stderr
     return json.loads(lines[-1][len("RESULT "):])
@@ -244,3 +135,33 @@ def test_strict_raises_when_fix_does_not_verify(py, honest, pid):
         assert r["raised"] and "FAILED" in r["raised"] and pid in r["raised"], r
     else:  # out of range or absent: nothing is applied, nothing raises
         assert r["raised"] is None, r
+
+
+@pytest.mark.parametrize(("pid", "first"), FIRST, ids=[f"{p}-{m}" for p, m in FIRST])
+def test_first_import_is_any_target(py, honest, pid, first):
+    """apply() first, then whichever module the user imports first: the same honest outcome."""
+    want = expected(py, honest, pid)
+    r = run_case(py, pid, "first_import", first)
+    assert r["after_first_import"] != "FAILED", r
+    assert r["outcome"] == want["outcome"] and r["live"] == want["live"], (r, want)
+
+
+@pytest.mark.parametrize("pid", PATCH_IDS)
+def test_status_checks_identity(py, honest, pid):
+    """Somebody puts the original back behind our back: status() and the manifest say so, and
+    apply() applies afresh."""
+    want = expected(py, honest, pid)
+    r = run_case(py, pid, "restored_behind_our_back")
+    if want["outcome"] == "APPLIED":
+        assert r["status"] == "CONFLICT" and not r["live"], r
+        assert r["again"] == "APPLIED" and r["manifest_live"], r
+    else:
+        assert r["status"] == want["outcome"] and not r["manifest_live"], r
+
+
+@pytest.mark.parametrize("pid", PATCH_IDS)
+def test_conflicting_revert_then_original_back(py, honest, pid):
+    want = expected(py, honest, pid)
+    r = run_case(py, pid, "revert_conflict_then_original_back")
+    if want["outcome"] == "APPLIED":
+        assert r["revert"] == "CONFLICT" and r["again"] == "APPLIED" and r["final"] == "same", r

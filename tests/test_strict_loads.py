@@ -28,7 +28,7 @@ def ckpts(demo, tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def quiet():
-    from hfpatches.patches.strict_loads import _Quiet
+    from hfpatches._quiet import Quiet as _Quiet
 
     with _Quiet():
         yield

@@ -41,7 +41,7 @@ def quiet():
     import logging
     import warnings
 
-    from ..patches.strict_loads import _Quiet  # transformers' verbosity + progress bars
+    from .._quiet import Quiet as _Quiet  # transformers' verbosity + progress bars
 
     log = logging.getLogger("flair")
     level = log.level

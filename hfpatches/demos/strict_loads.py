@@ -43,7 +43,7 @@ def write_checkpoints(root: str) -> dict[str, str]:
     from safetensors.torch import save_file
     from transformers import BertForMaskedLM, BertForPreTraining, BertModel, LlamaForCausalLM
 
-    from hfpatches.patches.strict_loads import _Quiet
+    from hfpatches._quiet import Quiet as _Quiet
 
     out = {k: os.path.join(root, k) for k in ("pretraining", "resized", "bf16", "llama", "peft")}
     with torch.random.fork_rng(devices=[]), _Quiet():
@@ -82,7 +82,7 @@ def _embed(model, batch):
 
 
 def run(say) -> bool:
-    from hfpatches.patches.strict_loads import _Quiet
+    from hfpatches._quiet import Quiet as _Quiet
 
     with _Quiet():  # transformers' own "newly initialized" warnings and progress bars, restored after
         return _run(say)

@@ -1,5 +1,3 @@
-"""One module per patch; each exports ``PATCH``. Discovered by ``hfpatches._registry.registry``.
-
-Patch modules import only the standard library and hfpatches at import time: everything heavy
-is imported inside ``probe`` / ``apply``, which run only once their target is imported.
-"""
+"""One package per patch: ``<id>/__init__.py`` declares ``PATCH`` (read at start-up, tiny) and
+``<id>/impl.py`` implements it (imported when the target is). See hfpatches/_declare.py and
+CONTRIBUTING.md; discovered by ``hfpatches._registry.registry``."""

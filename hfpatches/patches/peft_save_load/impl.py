@@ -1,97 +1,7 @@
-"""flair + PEFT: a model with ``peft_config`` embeddings saves, reloads and predicts; with one
-compute dtype when the transformer is in bfloat16.
-
-The bugs (flair <= 0.15.1, the newest release)
-    1. ``TransformerEmbeddings(..., peft_config=LoraConfig(...))`` wraps the transformer with
-       ``get_peft_model``, but ``to_params`` never saves the config. ``Model.save`` writes PEFT's
-       key names (``embeddings.model.base_model.model.…``, ``….query.base_layer.weight``,
-       ``….lora_A.default.weight``); ``Model.load`` rebuilds a plain transformer from the params
-       and ``load_state_dict`` fails: ``Missing key(s) in state_dict:
-       "embeddings.model.embeddings.word_embeddings.weight", …`` (flair issue #3623; fixed on
-       flair's main by PR #3627, merged 2025-03-27, in no release).
-    2. With the transformer in bfloat16 (``transformers_model_kwargs={"torch_dtype":
-       torch.bfloat16}``, as PEFT/QLoRA set-ups do) ``predict`` and ``forward_loss`` fail: ``mat1
-       and mat2 must have the same dtype, but got BFloat16 and Float`` - the embeddings are bf16,
-       the decoder flair adds stays float32 (no upstream report for this half; ``SequenceTagger``
-       fails only on a batch that needs no padding: its float32 padding tensor otherwise promotes
-       the whole batch to float32). The sibling with
-       ``subtoken_pooling="mean"``: ``fill_mean_token_embeddings`` scatters a float32 mask
-       product into bf16 embeddings, ``scatter(): Expected self.dtype to be equal to src.dtype``
-       (fixed on flair's main by PR #3651, also unreleased).
-    Also fixed on the way, because a save/load fix must not lose models: ``Model.save`` writes
-    straight onto the target, so a save interrupted mid-write (full disk, killed job) destroys the
-    previous file; and ``torch.load`` does not check the zip's CRC-32, so a corrupted file loads
-    flipped bits as weights.
-
-Affected
-    flair 0.14 (PEFT support) through 0.15.1, with any peft; the dtype half with or without peft.
-    ``fixed_in`` is None: no release carries #3627/#3651. The probe, not the version, decides.
-
-The probe
-    A tiny flair ``TransformerDocumentEmbeddings`` (a 1-layer BERT of hidden size 8 and a 12-word
-    tokenizer, written to a temporary directory; LoRA r=2 on ``query``; bfloat16), built once per
-    process, ~0.3 s: (a) do its ``to_params()`` carry the PEFT config? (b) does a
-    ``TextClassifier`` on it predict, or fail on the dtype? (c) does
-    ``fill_mean_token_embeddings`` accept bf16 tensors? Bug present if any half is. torch's RNG,
-    transformers' log level, flair's logger and ``TOKENIZERS_PARALLELISM`` are restored after.
-
-What changes (all through ``ctx.wrap``; ``revert`` restores every original exactly)
-    * ``TransformerEmbeddings.to_params``: a PEFT-wrapped transformer adds ``peft_config`` (a copy
-      of the adapter's config object, the same parameter #3627 adds); with several adapters, or
-      one not named ``default``, ``hfpatches_peft = {"adapters": {name: config}, "active": name}``
-      instead. ``config_state_dict``'s ``torch_dtype`` is set to the dtype the weights really have
-      (a bf16-loaded model upcast to float32 would otherwise reload in bf16 and round the weights).
-    * ``TransformerEmbeddings.from_params`` rebuilds the ``hfpatches_peft`` adapters (named, the
-      active one set) on the transformer it built, before flair loads the weights.
-    * ``Model.save``: flair's own save into a temporary file beside the target, then ``os.replace``
-      (:func:`hfpatches.flair.atomic_save`): atomic, not fsync'ed (see there for the trade-off).
-    * ``Model.load`` (every flair model class loads through it): a local file is checked first
-      without unpickling (:func:`hfpatches.flair.inspect_model_file`: CRC-32 of every member,
-      pickle opcodes walked, not executed; the CRC pass runs on a thread beside flair's own load and
-      is waited for before the model is returned); a truncated/corrupted file, or a PEFT file written by
-      unpatched flair (no config: LoRA's ``lora_alpha`` is not in the weights), raises
-      :class:`hfpatches.errors.CheckpointError` naming the file and the fix
-      (``hfpatches.flair.load(path, peft_config=...)``). A state-dict mismatch also becomes a
-      CheckpointError naming the file. The loaded model gets the dtype policy.
-    * ``predict`` / ``forward_loss`` of ``DefaultClassifier`` (TextClassifier, TextPairClassifier,
-      TextTripleClassifier, TokenClassifier, SpanClassifier, RelationExtractor,
-      RelationClassifier) and ``SequenceTagger`` (declared targets), and of every other flair
-      model class that defines its own (found at apply: TextRegressor, TARS, Lemmatizer, …), call
-      :func:`hfpatches.flair.unify_dtype` first: one compute dtype, ``HFPATCHES_DTYPE_POLICY=
-      backbone`` (default: the head follows the transformer, bf16 backbone -> bf16 head) or
-      ``float32`` (the whole model, transformer included, in float32); per model with
-      ``hfpatches.flair.unify_dtype(model, "float32")`` or ``hfpatches.flair.load(...,
-      dtype_policy=...)``. Parameters are cast in place (an optimizer holding them keeps working).
-    * ``fill_mean_token_embeddings`` runs in float32 when its inputs are not, and returns the
-      embeddings' dtype.
-
-Compatibility of the files
-    A file written with the patch from a model with one adapter named ``default`` (what flair
-    creates) loads in *unpatched* flair 0.15.1 too, exactly (flair's ``__init__`` already accepts
-    ``peft_config``), and in flair's main (#3627 stores the same parameter); it needs peft to
-    unpickle. A file with other adapter names fails in unpatched flair with ``TypeError: ...
-    unexpected keyword argument 'hfpatches_peft'`` (raised by transformers' model constructor):
-    load it with the patch live. The ``torch_dtype`` correction is plain config data.
-
-Design decisions
-    * Not wrapping ``TransformerEmbeddings.__init__``: flair's ``get_instance_parameters(locals())``
-      breaks under a wrapper (``KeyError: 'saved_config'``); ``to_params``/``from_params`` are the
-      serialisation seams flair itself uses (``create_from_state`` is overridden per subclass).
-    * The config is stored as the PeftConfig object (like #3627) so that unpatched flair can load
-      the file; flair files are pickles anyway.
-    * A legacy file is detected from its key names by the scan, before anything is unpickled, and
-      never loaded with a guessed ``lora_alpha``.
-    * dtype unification runs at the compute entry points (and after load) rather than at
-      construction: flair model constructors cannot be wrapped safely, and the first predict or
-      training step is where the mismatch bites. What to walk is cached per model structure: a call
-      costs well under a millisecond on MiniLM (no copy when the dtypes already agree).
-    * Atomic saves are not fsync'ed: atomic against an interrupted write, which is the failure seen
-      in practice, at no measurable cost; ``atomic_save(..., durable=True)`` adds fdatasync.
-    * The CRC-32 pass (~50 ms CPU per 90 MB) is kept: torch.load returns flipped bits silently.
-"""
+"""Implementation of ``peft_save_load`` (declared in ``__init__.py``; rationale in docs/patches/peft_save_load.md)."""
 from __future__ import annotations
 
-from .._registry import Patch, ProbeResult, Target
+from hfpatches._declare import ProbeResult
 
 PATCH_ID = "peft_save_load"
 TRANSFORMER = "flair.embeddings.transformer"
@@ -105,7 +15,7 @@ def _to_params(wrapped, instance, args, kwargs):
     params = wrapped(*args, **kwargs)
     if not isinstance(params, dict):
         return params
-    from ..flair import MULTI_ADAPTER_KEY, backbone_dtype
+    from hfpatches.flair import MULTI_ADAPTER_KEY, backbone_dtype
 
     model = getattr(instance, "model", None)
     cfgs = getattr(model, "peft_config", None)
@@ -132,7 +42,7 @@ def _to_params(wrapped, instance, args, kwargs):
 
 
 def _from_params(wrapped, cls, args, kwargs):
-    from ..flair import MULTI_ADAPTER_KEY
+    from hfpatches.flair import MULTI_ADAPTER_KEY
 
     params = args[0] if args else kwargs.get("params")
     extra = params.pop(MULTI_ADAPTER_KEY, None) if isinstance(params, dict) else None
@@ -153,7 +63,7 @@ def _from_params(wrapped, cls, args, kwargs):
 
 
 def _save(wrapped, instance, args, kwargs):
-    from ..flair import atomic_save
+    from hfpatches.flair import atomic_save
 
     args = list(args)
     target = args.pop(0) if args else kwargs.pop("model_file")
@@ -163,8 +73,8 @@ def _save(wrapped, instance, args, kwargs):
 def _load(wrapped, cls, args, kwargs):
     import os
 
-    from ..errors import CheckpointError
-    from ..flair import (_STATE_DICT_ERROR, FileCheck, check_state, legacy_message, loading_file, state_dict_error,
+    from hfpatches.errors import CheckpointError
+    from hfpatches.flair import (_STATE_DICT_ERROR, FileCheck, check_state, legacy_message, loading_file, state_dict_error,
                          unify_dtype)
 
     src = args[0] if args else kwargs.get("model_path")
@@ -195,7 +105,7 @@ def _load(wrapped, cls, args, kwargs):
 
 
 def _unified(wrapped, instance, args, kwargs):
-    from ..flair import unify_dtype
+    from hfpatches.flair import unify_dtype
 
     unify_dtype(instance)
     return wrapped(*args, **kwargs)
@@ -216,7 +126,7 @@ def _fill_mean(wrapped, instance, args, kwargs):
 
 def _compute_owners(nn_model):
     """flair's model classes that define their own predict / forward_loss (abstract ones skipped)."""
-    from ..flair import model_classes
+    from hfpatches.flair import model_classes
 
     out = []
     for c in model_classes(nn_model.Model):
@@ -229,7 +139,7 @@ def _compute_owners(nn_model):
     return sorted(out, key=lambda cn: (cn[0].__module__, cn[0].__qualname__, cn[1]))
 
 
-def _apply(ctx) -> None:
+def apply(ctx) -> None:
     tr = ctx.module(TRANSFORMER)
     nn_model = ctx.module(NN_MODEL)
     ctx.wrap(tr.TransformerEmbeddings, "to_params", _to_params)
@@ -310,7 +220,7 @@ def _tiny_embedding():
     return emb
 
 
-def _probe() -> ProbeResult:
+def probe() -> ProbeResult:
     import sys
 
     import torch
@@ -354,29 +264,3 @@ def _probe() -> ProbeResult:
     if found:
         return ProbeResult(True, "; ".join(found))
     return ProbeResult(False, "; ".join(fixed))
-
-
-PATCH = Patch(
-    id=PATCH_ID,
-    summary="flair + PEFT: the PEFT config travels with the model file, legacy/corrupt files raise a clear error, "
-            "atomic saves, one compute dtype for bf16 transformers",
-    upstream=("flairNLP/flair#3623", "flairNLP/flair#3627", "flairNLP/flair#3651"),
-    requires=("flair>=0.14",),
-    fixed_in=None,
-    targets=(
-        Target(TRANSFORMER, "TransformerEmbeddings.to_params", params=("self",)),
-        Target(TRANSFORMER, "TransformerEmbeddings.from_params", params=("cls", "params")),
-        Target(TRANSFORMER, "fill_mean_token_embeddings",
-               params=("all_token_embeddings", "sentence_hidden_states", "word_ids", "token_lengths")),
-        Target(NN_MODEL, "Model.save", params=("self", "model_file")),
-        Target(NN_MODEL, "Model.load", params=("cls", "model_path")),
-        Target(NN_MODEL, "DefaultClassifier.predict", params=("self", "sentences")),
-        Target(NN_MODEL, "DefaultClassifier.forward_loss", params=("self", "sentences")),
-        Target(TAGGER, "SequenceTagger.predict", params=("self", "sentences")),
-        Target(TAGGER, "SequenceTagger.forward_loss", params=("self", "sentences")),
-    ),
-    probe=_probe,
-    apply=_apply,
-    affected="flair 0.14-0.15.1 (#3627/#3651 merged on main, unreleased)",
-    verified_stacks=("affected", "latest"),
-)

@@ -1,82 +1,11 @@
-"""``meta_buffers``: ``Module.to_empty`` keeps non-persistent buffers (meta init -> to_empty -> load).
-
-The bug
-    The usual way to build a large model without memory is ``accelerate.init_empty_weights()``
-    (or ``with torch.device("meta")``), then ``model.to_empty(device=...)`` (FSDP does it per module:
-    ``param_init_fn=lambda m: m.to_empty(device=..., recurse=False)``), then
-    ``model.load_state_dict(pretrained)``. ``to_empty`` gives *every* tensor new, uninitialised
-    storage. Non-persistent buffers -- rotary ``inv_freq`` / ``original_inv_freq``, BERT
-    ``position_ids`` / ``token_type_ids``, GPT-2/GPT-Neo causal ``bias`` masks, anything registered
-    with ``persistent=False`` -- are not in any state dict, so the load never repairs them. The model
-    runs and gives wrong, run-to-run different outputs (or an IndexError from garbage positions).
-
-Affected
-    torch >= 2.1 (``to_empty(*, device, recurse)``; unchanged through 2.13) with transformers models,
-    seen on transformers 4.51.3 and 5.23.0. Not fixed upstream on either stack: the maintainers'
-    position is that non-persistent buffers belong to ``_init_weights`` and to whoever calls
-    ``to_empty``.  Upstream: huggingface/transformers#34234 (``inv_freq`` left uninitialised),
-    #36577 (meta init then GPU: very large errors), #25555, #45902, #48932 (core fix declined);
-    pytorch/pytorch#105840 (FSDP ``param_init_fn`` with ``to_empty(recurse=False)``).
-
-The fix
-    ``torch.nn.Module.to_empty`` is replaced by a function that calls the original and then, only
-    for the non-persistent buffers in the modules it just emptied:
-
-    * a buffer that held real data before the call keeps its values: the tensor itself stays when
-      it is already on the target device with the same dtype (no copy, aliases kept), else
-      ``new.copy_(old)``. Parameters and persistent buffers are left exactly as torch leaves them;
-    * a buffer that was itself on ``meta`` is recomputed on the CPU and copied over, first recipe
-      that works wins:
-        1. transformers' own ``_init_weights`` of the owning ``PreTrainedModel`` (5.x initialises
-           buffers for every model, #42309). It also re-initialises the module's parameters, so it
-           is called on a *throwaway*: a shallow shadow of the module whose parameters and other
-           buffers are meta tensors; the real model is never written by it. It is run twice on
-           shadows filled with 0 and with 1, and a buffer counts as recomputed only if both runs
-           agree (a no-op ``_init_weights``, as on 4.x, is detected, not trusted);
-        2. rotary modules: their own init function (4.x ``module.rope_init_fn(config)``, 5.x
-           ``compute_default_rope_parameters`` / ``ROPE_INIT_FUNCTIONS[rope_type]``);
-        3. transformers' BERT-style ``position_ids`` (arange) and ``token_type_ids`` (zeros);
-        4. a rebuild of the owning ``PreTrainedModel`` from its config with parameters on meta and
-           buffers real (``accelerate.init_empty_weights(include_buffers=False)``), buffers taken
-           by name. It replays the exact constructor, so per-layer arguments are honoured;
-    * whatever is left is named in one ``UninitialisedBufferWarning`` (a ``RuntimeWarning``: shown
-      by default, unlike a log record on the ``hfpatches`` logger); it is never left silently.
-
-    ``hfpatches.materialize(model, device)`` does the same explicitly, with or without the patch.
-
-Probe
-    A tiny ``nn.Module`` with a non-persistent buffer on the CPU; after the installed
-    ``Module.to_empty(device="cpu")``, are its values still there? (Runs again after applying.)
-
-Design decisions
-    * Cost: a module tree without non-persistent buffers pays one pass over ``_modules`` checking a
-      set (no names, no allocation); see ``benchmarks/meta_init.py``. Names are only built for the
-      warning or when a recipe needs them.
-    * Recipes compute on the CPU and copy to the target device: ``from_pretrained`` computes these
-      buffers on the CPU too, so the result is bit-identical to it also on CUDA.
-    * No name-based guessing for modules outside transformers, and no ``type(module)(config)``
-      rebuild of a single submodule (a constructor argument with a default could silently give a
-      different buffer, e.g. GPT-Neo's local vs global attention mask).
-    * FSDP-style ``to_empty(recurse=False)`` on a submodule: its owning model is unknown there, so
-      recipes 1 and 4 apply only when the module is the ``PreTrainedModel`` itself; a rotary or
-      BERT embedding module still gets recipes 2-3, anything else the warning (keep buffers real
-      with ``include_buffers=False`` -- accelerate's default -- and nothing needs recomputing).
-    * Attaches when ``torch`` has finished importing (target ``torch`` / ``nn.Module.to_empty``,
-      the same object as ``torch.nn.modules.module.Module.to_empty``): a hook on the submodule
-      fires in the middle of ``import torch``, where the probe cannot run yet.
-    * ``to_empty(device="meta")`` or buffers that stay on meta: nothing to do.
-    * Weight tying is not touched (``to_empty`` unties shared parameters as torch always has; call
-      ``model.tie_weights()`` as before).
-"""
+"""Implementation of ``meta_buffers`` (declared in ``__init__.py``; rationale in docs/patches/meta_buffers.md)."""
 from __future__ import annotations
 
-from hfpatches._registry import Patch, ProbeResult, Target
+from hfpatches._declare import ProbeResult
 
-__all__ = ["PATCH", "materialize", "UninitialisedBufferWarning"]
+__all__ = ["materialize", "UninitialisedBufferWarning"]
 
 # Attach once ``torch`` has finished importing (see "Design decisions").
-_MODULE = "torch"
-_ATTR = "nn.Module.to_empty"
 _LOGGER = "hfpatches.meta_buffers"
 _ROPE_NAMES = ("inv_freq", "original_inv_freq")
 
@@ -192,9 +121,14 @@ def materialize(model, device, *, recurse: bool = True):
 
 
 def _original_to_empty():
-    import hfpatches
+    """torch's own ``Module.to_empty``: the installed one, unwrapped if it is this patch's
+    replacement (``apply`` marks it with this module's name and ``__wrapped__``)."""
+    import torch
 
-    return hfpatches.get_original("meta_buffers")
+    fn = torch.nn.Module.__dict__["to_empty"]
+    while getattr(fn, "__module__", None) == __name__ and hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -379,7 +313,7 @@ def _via_rebuild(owner, rel: str, names, cache: dict) -> dict:
 _probe_calls = 0
 
 
-def _probe() -> ProbeResult:
+def probe() -> ProbeResult:
     import torch
 
     global _probe_calls
@@ -393,7 +327,7 @@ def _probe() -> ProbeResult:
                        + ("kept" if kept else "lost (uninitialised memory)"))
 
 
-def _apply(ctx) -> None:
+def apply(ctx) -> None:
     import functools
 
     module_cls = ctx.module("torch.nn.modules.module").Module
@@ -406,19 +340,3 @@ def _apply(ctx) -> None:
     functools.update_wrapper(to_empty, original)
     to_empty.__module__ = __name__
     ctx.replace(module_cls, "to_empty", to_empty)
-
-
-PATCH = Patch(
-    id="meta_buffers",
-    summary="meta-device init -> to_empty -> load_state_dict keeps non-persistent buffers "
-            "(rotary inv_freq, BERT position_ids, ...) instead of leaving uninitialised memory",
-    upstream=("huggingface/transformers#34234", "huggingface/transformers#36577",
-              "huggingface/transformers#48932", "pytorch/pytorch#105840"),
-    requires=("torch>=2.1", "transformers>=4.0"),
-    fixed_in=None,
-    targets=(Target(_MODULE, _ATTR, params=("self", "device", "recurse")),),
-    probe=_probe,
-    apply=_apply,
-    affected="torch>=2.1 with transformers 4.x-5.x (seen on 4.51.3 and 5.23.0); unfixed",
-    verified_stacks=("affected", "latest"),
-)

@@ -1,0 +1,36 @@
+"""``liger_flash_kwargs``: padding-free batches train with Liger's fused linear cross-entropy.
+
+Bug
+    liger-kernel 0.5.6 routes every model's ``lce_forward`` through ``loss_utils``, which hands all
+    loss kwargs to ``liger_fused_linear_cross_entropy``: a padding-free batch (FlashAttention's
+    ``cu_seq_lens_*`` / ``max_length_*``) raises ``TypeError: unexpected keyword argument
+    'cu_seq_lens_q'`` in ``train()``; and the decoder never receives those keys.
+Affected
+    liger-kernel 0.5.6 (0.5.5 had no loss_utils; fixed in 0.5.7, decoder hand-off in 0.6.0).
+Upstream
+    linkedin/Liger-Kernel#650, fixed by #651; #708.
+Probe
+    calls the installed ``LigerForCausalLMLoss`` with ``cu_seq_lens_q`` on tiny CPU tensors and
+    stops at the fused functional's entry (``sys.settrace``): no Triton kernel runs.
+What changes
+    ``loss_utils.fixed_fused_linear_cross_entropy`` drops the keywords the fused loss does not
+    take; Liger's ``lce_forward`` hands FlashAttention keys in the documented form to the decoder
+    for that call. A dropped key that would change the loss is never dropped silently.
+    Rationale: docs/patches/liger_flash_kwargs.md.
+"""
+from hfpatches._declare import Patch, Target
+
+PATCH = Patch(
+    id="liger_flash_kwargs",
+    summary="Liger's fused linear cross-entropy: padding-free batches (FlashAttention kwargs) no "
+            "longer raise TypeError in train(); the kwargs reach the decoder",
+    upstream=("linkedin/Liger-Kernel#650", "linkedin/Liger-Kernel#651", "linkedin/Liger-Kernel#708"),
+    requires=("liger-kernel>=0.5.6,<0.5.7",),
+    fixed_in="liger-kernel>=0.5.7",
+    # Declared on the package: its post-import hook fires once ``liger_kernel.transformers`` has
+    # finished importing (loss_utils is imported in the middle of it, whichever module the user
+    # names); the attribute path then reaches loss_utils.
+    targets=(Target("liger_kernel.transformers", "model.loss_utils.fixed_fused_linear_cross_entropy",
+                    params=("hidden_states", "lm_head_weight", "target")),),
+    affected="liger-kernel 0.5.6",
+)

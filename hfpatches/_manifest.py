@@ -113,8 +113,10 @@ def index_text(index: str) -> str:
                    "read_with": f"python -m hfpatches report {index}"}) + "\n"
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+def write_atomic(path: str, text: str, *, replace: bool = True) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``.
+    ``replace=False``: create ``path`` only if it does not exist (a hard link, atomic also on
+    NFS; where links are not supported, a rename after checking), never replace anything."""
     directory, base = os.path.split(path)
     tmp = os.path.join(directory, f".{base}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     data = text.encode("utf-8", "backslashreplace")
@@ -126,7 +128,18 @@ def write_atomic(path: str, text: str) -> None:
                 view = view[os.write(fd, view):]
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        except OSError:   # no hard links on this filesystem
+            if not os.path.lexists(path):
+                os.replace(tmp, path)
+                return
+        os.unlink(tmp)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -181,10 +194,10 @@ class Writer:
             self.raw, self.target, self.file = raw, None, None
             self.target = resolve(raw)
         records, index = self.target
+        os.makedirs(records, exist_ok=True)   # also after a log rotation removed it
         if self.file is None:
-            os.makedirs(records, exist_ok=True)
             if index is not None and not os.path.lexists(index):
-                write_atomic(index, index_text(index))
+                write_atomic(index, index_text(index), replace=False)
             self.file = os.path.join(records, record_name(host(), pid, self.started))
         rec = build_record(report, pid=pid, started=self.started, forked_from=self.forked_from)
         write_atomic(self.file, _dumps(rec, indent=True) + "\n")
@@ -205,8 +218,10 @@ class Writer:
 def host() -> str:
     try:
         return os.uname().nodename or "unknown-host"
-    except AttributeError:  # pragma: no cover - Windows
-        return os.environ.get("COMPUTERNAME", "unknown-host")
+    except AttributeError:  # pragma: no cover - Windows: no os.uname
+        import socket
+
+        return socket.gethostname() or "unknown-host"
 
 
 def process_start() -> float:

@@ -2,7 +2,8 @@
 reads the run back.
 
 ``torchrun --nproc-per-node 2`` and ``accelerate launch`` (2 processes) of tests/_dist_train.py
-under ``HFPATCHES_AUTO=1`` (the installed ``hfpatches_auto.pth``; no ``apply()`` in the script):
+under ``HFPATCHES_AUTO=1`` (this checkout's ``hfpatches_auto.pth``, in a throwaway venv that borrows
+the stack: tests/_autovenv.py; no ``apply()`` in the script):
 every rank has the expected fixes live -- meta_buffers (a meta-initialised tiny Llama
 materialised per rank keeps ``inv_freq``) and, on the affected stack, liger_flash_kwargs (a DDP
 step with Liger's real FLCE kernel under ``TRITON_INTERPRET=1`` on a padding-free batch; on the
@@ -18,10 +19,10 @@ import os
 import socket
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
+from _autovenv import make_auto_venv
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -31,11 +32,10 @@ SCRIPT = Path(__file__).resolve().parent / "_dist_train.py"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _needs_startup_hook():
-    if not (Path(sysconfig.get_paths()["purelib"]) / "hfpatches_auto.pth").exists():
-        pytest.skip("hfpatches_auto.pth (the HFPATCHES_AUTO start-up hook) is not installed in this "
-                    "interpreter's site-packages: pip install hfpatches (or -e .) into the venv")
+@pytest.fixture(scope="module")
+def python(tmp_path_factory) -> str:
+    """An interpreter whose start-up runs this checkout's hfpatches_auto.pth (tests/_autovenv.py)."""
+    return str(make_auto_venv(tmp_path_factory.mktemp("autovenv")))
 
 
 def _expected_live(stack: str) -> list[str]:
@@ -97,8 +97,8 @@ def _check_agreeing_run(tmp_path: Path, ranks: list[dict], stack: str, *, worker
     assert sorted(row[2] for row in rows) == ["0/2", "1/2"], text.stdout
 
 
-def test_torchrun_two_ranks_with_spawn_workers(tmp_path, stack):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+def test_torchrun_two_ranks_with_spawn_workers(tmp_path, stack, python):
+    cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(SCRIPT), "full", str(tmp_path / "out")]
     ranks = _launch(cmd, _env(tmp_path), tmp_path / "out")
     _check_agreeing_run(tmp_path, ranks, stack, workers=True)
@@ -110,9 +110,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_accelerate_launch_two_processes(tmp_path, stack):
+def test_accelerate_launch_two_processes(tmp_path, stack, python):
     pytest.importorskip("accelerate")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    cmd = [python, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), str(SCRIPT), "accelerate", str(tmp_path / "out")]
     # HF_HOME: no accelerate default_config.yaml of this machine's user leaks in
@@ -120,14 +120,14 @@ def test_accelerate_launch_two_processes(tmp_path, stack):
     _check_agreeing_run(tmp_path, ranks, stack, workers=False)
 
 
-def test_mixed_run_is_flagged(tmp_path):
+def test_mixed_run_is_flagged(tmp_path, python):
     """Rank 1 starts with HFPATCHES_DISABLE=* (a wrapper sets it from RANK): its buffer is lost
     while rank 0's is kept, and ``report`` says the run trained with mixed code (exit 1)."""
     wrapper = tmp_path / "rank_wrapper.sh"
     wrapper.write_text('#!/bin/sh\nif [ "$RANK" = "1" ]; then export HFPATCHES_DISABLE="*"; fi\n'
-                       f'exec "{sys.executable}" "{SCRIPT}" light "{tmp_path / "out"}"\n')
+                       f'exec "{python}" "{SCRIPT}" light "{tmp_path / "out"}"\n')
     wrapper.chmod(0o755)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "--no-python", str(wrapper)]
     ranks = _launch(cmd, _env(tmp_path), tmp_path / "out")
     assert [(r["rank"], r["buffer_kept"], r["status_live"]) for r in ranks] == \

@@ -73,8 +73,8 @@ def _records(directory: Path) -> list[dict]:
 def _py(code: str, env: dict | None = None, check: bool = True, python=None) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith("HFPATCHES_")}
     full.update({"PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}, **(env or {}))
-    proc = subprocess.run([str(python or sys.executable), "-c", code], env=full, capture_output=True, text=True, timeout=300,
-                          cwd=str(ROOT))
+    proc = subprocess.run([str(python or sys.executable), "-c", code], env=full, capture_output=True, text=True,
+                          timeout=300, cwd=str(ROOT))
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc

@@ -540,8 +540,8 @@ def analyse(records: list[dict]) -> dict:
 
     Per launch (``run``): the rank processes are the records with a rank from the most specific
     launcher convention seen in that run (``srun torchrun``: torchrun's ``RANK``, not the agents'
-    ``SLURM_PROCID``) that are neither multiprocessing children nor children of a record with
-    the same rank on the same host (DataLoader workers and subprocesses inherit ``RANK``). Of
+    ``SLURM_PROCID``) whose parent is not a record with the same rank on the same host
+    (DataLoader workers, multiprocessing helpers and subprocesses inherit ``RANK``). Of
     torchelastic restarts, the latest attempt is judged. The ranks agree when every rank has the
     same fixes live and the same library versions, each rank has exactly one record, and no rank
     of ``range(world_size)`` is missing."""
@@ -564,13 +564,13 @@ def analyse(records: list[dict]) -> dict:
             if _source_rank(r["rank_source"]) != best:
                 r["role"] = f"launcher ({r['rank_source']}={r['rank']})"
         cands = [r for r in ranked if _source_rank(r["rank_source"]) == best]
+        ids = {id(r) for r in cands}
         for r in cands:
             parent = by_pid.get((r["host"], r["ppid"]))
-            if r["started_by"] in ("multiprocessing", "fork"):
-                r["role"] = f"child of {r['parent'] or r['forked_from'] or r['ppid']} ({r['started_by']})"
-            elif parent is not None and parent is not r and parent in cands and parent["rank"] == r["rank"]:
-                r["role"] = f"child of {parent['pid']}"
-            else:
+            if parent is not None and parent is not r and id(parent) in ids and parent["rank"] == r["rank"]:
+                # inherited RANK: a DataLoader worker, multiprocessing helper or subprocess of the rank
+                r["role"] = f"child of {parent['pid']}" + (f" ({r['started_by']})" if r["started_by"] else "")
+            else:   # also torch.multiprocessing.spawn'ed ranks: their parent has no rank
                 r["role"] = "rank"
         tops = [r for r in cands if r["role"] == "rank"]
         latest = max((r["restart"] or 0) for r in tops) if tops else 0

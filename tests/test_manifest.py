@@ -381,6 +381,16 @@ def test_report_roles_under_srun_torchrun_and_restarts(tmp_path, capsys):
         [(job, [0, 1], True), ("torchelastic:other", [0, 1], True)], data["runs"]
 
 
+def test_report_ranks_started_by_multiprocessing_spawn(tmp_path, capsys):
+    """``torch.multiprocessing.spawn(train, nprocs=2)``: the ranks are multiprocessing children of
+    a script without a rank; they are the ranks (their spawn workers are their children)."""
+    recs = [_rec(50, None, run=None, ppid=1), _rec(51, 0, ppid=50, started_by="multiprocessing"),
+            _rec(52, 1, ppid=50, started_by="multiprocessing"), _rec(53, 1, ppid=52, started_by="multiprocessing")]
+    rc, out, _ = _run(_write(tmp_path / "r", *recs), "--json", capsys=capsys)
+    roles = {p["pid"]: p["role"] for p in json.loads(out)["processes"]}
+    assert rc == 0 and roles == {50: "process", 51: "rank", 52: "rank", 53: "child of 52 (multiprocessing)"}, roles
+
+
 def test_report_single_process_and_legacy_manifest(tmp_path, capsys):
     legacy = tmp_path / "old.json"   # what hfpatches 0.1 wrote: one process, last writer
     legacy.write_text(json.dumps({"hfpatches": "0.1.0", "python": "3.11.7", "pid": 42, "versions": {},

@@ -694,6 +694,7 @@ def report_main(path: str, as_json: bool = False) -> int:
 
 
 def _order(r: dict):
-    is_rank = r["role"] == "rank"
-    return (str(r["run"] or ""), 0 if is_rank else 1, r["rank"] if r["rank"] is not None else 1 << 30,
-            r["host"], r["pid"])
+    """Ranks first (by launch, rank), then processes that carry a rank (children, launchers,
+    earlier attempts), then the rest."""
+    kind = 0 if r["role"] == "rank" else 1 if r["rank"] is not None else 2
+    return (kind, str(r["run"] or ""), r["rank"] if r["rank"] is not None else -1, r["host"], r["pid"])

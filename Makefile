@@ -5,7 +5,7 @@ L := .venvs/latest/bin/python
 export HFPATCHES_CACHE := $(CURDIR)/.cache
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-affected test-latest gpu-test bench matrix wheel
+.PHONY: setup demo test lint test-affected test-latest gpu-test bench matrix wheel
 
 setup:
 	bash scripts/setup_env.sh affected
@@ -17,11 +17,15 @@ demo: setup
 	@echo; echo "== latest stack: the same patches must report NOT_AFFECTED where upstream fixed the bug"
 	$(L) -m hfpatches doctor
 
-## the whole CPU suite on both stacks (+ the README matrix check)
-test: setup
+## lint (ruff) and types (mypy), then the whole CPU suite on both stacks (+ the README matrix check)
+test: setup lint
 	$(A) scripts/matrix.py --check
 	$(A) -m pytest -q -n 2 tests -p no:cacheprovider
 	$(L) -m pytest -q -n 2 tests -p no:cacheprovider
+
+lint: setup
+	$(A) -m ruff check hfpatches tests scripts benchmarks gpu_tests
+	$(A) -m mypy
 
 test-affected:
 	$(A) -m pytest -q tests

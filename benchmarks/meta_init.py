@@ -4,7 +4,8 @@
    ``to_empty("cpu")`` -> ``tie_weights()`` -> ``load_state_dict`` (with the patch, and without for
    reference): wall time and peak RSS, each in a fresh process (peak RSS only grows).
 2. ``Module.to_empty`` with the patch vs torch's own, interleaved in one process (CPU time; min,
-   and the median of the ratios of adjacent runs, which is what the target is judged on): a model with many buffers none of them non-persistent (the fast path; target
+   and the median of the ratios of adjacent runs, which is what the target is judged on): a model with many buffers
+    none of them non-persistent (the fast path; target
    <= 1.05x), the same with one non-persistent buffer per block (kept), and the SmolLM2 skeleton
    with its rotary buffer real (kept) and on meta (recomputed).
 

@@ -5,8 +5,7 @@ target module is imported. See README.md for the patches and the environment swi
 """
 from __future__ import annotations
 
-import importlib
-
+from ._declare import import_module
 from ._report import Outcome, PatchError, PatchResult, Report
 from ._version import __version__
 
@@ -91,13 +90,25 @@ class patched:
 class PatchInfo:
     """Read-only description of one patch (``list_patches()``)."""
 
-    __slots__ = ("id", "summary", "upstream", "requires", "fixed_in", "targets", "default_enabled",
-                 "enable_env", "affected", "verified_stacks")
+    __slots__ = ("id", "summary", "upstream", "requires", "fixed_in", "default_enabled",
+                 "enable_env", "affected", "verified_stacks", "targets", "docs")
+    id: str
+    summary: str
+    upstream: tuple[str, ...]
+    requires: tuple[str, ...]
+    fixed_in: str | None
+    targets: tuple[str, ...]
+    default_enabled: bool
+    enable_env: str | None
+    affected: str
+    verified_stacks: tuple[str, ...]
+    docs: str
 
     def __init__(self, p: Patch) -> None:
-        for k in self.__slots__:
+        for k in self.__slots__[:-2]:
             setattr(self, k, getattr(p, k))
         self.targets = tuple(t.path for t in p.targets)
+        self.docs = f"docs/patches/{p.id}.md"
 
     def __repr__(self) -> str:
         return f"PatchInfo({self.id!r}, requires={self.requires}, fixed_in={self.fixed_in!r})"
@@ -132,5 +143,5 @@ def __getattr__(name: str) -> object:
     if mod is None:
         raise AttributeError(f"module 'hfpatches' has no attribute {name!r}")
     if name == "flair":
-        return importlib.import_module(mod)
-    return getattr(importlib.import_module(mod), name)
+        return import_module(mod)
+    return getattr(import_module(mod), name)

@@ -369,7 +369,7 @@ def _toml(display: str, text: str) -> dict:
         import tomllib
     except ImportError:
         try:
-            import tomli as tomllib  # the backport, where installed
+            import tomli as tomllib  # type: ignore[no-redef]  # the backport, where installed
         except ImportError:
             raise AuditError(
                 f"{display}: reading lock files needs Python >= 3.11 (tomllib) or the 'tomli' package; "

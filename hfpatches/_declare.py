@@ -101,6 +101,13 @@ class Record:
         return type(self)(**{**{k: getattr(self, k) for k in self.__slots__}, **changes})
 
 
+def import_module(name: str) -> Any:
+    """``importlib.import_module`` without importing :mod:`importlib` (and :mod:`warnings` with it)
+    at start-up: ``__import__`` imports the whole dotted chain, ``sys.modules`` hands out the leaf."""
+    __import__(name)
+    return sys.modules[name]
+
+
 def raw_getattr(owner: Any, name: str, default: Any = _MISSING) -> Any:
     """The attribute as stored (``inspect.getattr_static`` semantics for classes)."""
     if isinstance(owner, type):

@@ -8,13 +8,11 @@ Nothing here is imported by a patch; patches get a :class:`~hfpatches._recorder.
 from __future__ import annotations
 
 import _thread
-import importlib
 import sys
 
 from . import _env, _hooks
-from ._declare import Patch, ProbeResult
+from ._declare import Patch, ProbeResult, import_module
 from ._log import INFO, WARNING, log
-from ._recorder import OURS, Conflict, PatchContext, Recorder
 from ._registry import implementation, registry
 from ._report import BAD_OUTCOMES, LIVE_OUTCOMES, OK_OUTCOMES, Outcome, PatchError, PatchResult, Report
 
@@ -22,6 +20,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Iterable
     from typing import Any
+
+    from ._recorder import Mutation, PatchContext, Recorder
 
 # Start-up budget (<= 5 ms over a bare interpreter for ``import hfpatches; apply()``): no
 # dataclasses, typing, inspect, importlib.metadata, packaging or wrapt at import time; they load
@@ -127,7 +127,7 @@ def _run_probe(patch: Patch) -> ProbeResult:
 class Engine:
     def __init__(self) -> None:
         self.lock = _thread.RLock()
-        self.recorder = Recorder()
+        self._recorder: Recorder | None = None   # created (and _recorder imported) on first use
         self.results: dict[str, PatchResult] = {}
         self.wanted: set[str] = set()        # patches apply() asked for and revert() has not undone
         self.hooked: set[tuple[str, str]] = set()
@@ -136,6 +136,18 @@ class Engine:
         self.contexts: dict[str, PatchContext] = {}
         self.listeners: list[Any] = [self.write_manifest]  # called after an outcome changed
         self.manifest: Any = None                 # _manifest.Writer, made on the first write
+
+    @property
+    def recorder(self) -> Recorder:
+        if self._recorder is None:
+            from ._recorder import Recorder
+
+            self._recorder = Recorder()
+        return self._recorder
+
+    def _records(self, pid: str) -> list[Mutation]:
+        """The recorded mutations of ``pid`` (no recorder yet: none, and nothing imported)."""
+        return self._recorder.records(pid) if self._recorder is not None else []
 
     # -- selection -------------------------------------------------------------------------
     def select(self, only: Iterable[str] | None, exclude: Iterable[str]) -> tuple[list[str], dict[str, str]]:
@@ -190,9 +202,11 @@ class Engine:
 
     def _live_state(self, pid: str) -> PatchResult | None:
         """What the recorder says about ``pid`` now, checked by identity; None: nothing recorded."""
-        recs = self.recorder.records(pid)
+        recs = self._records(pid)
         if not recs:
             return None
+        from ._recorder import OURS
+
         moved = [r for r in recs if r.state() != OURS]
         prev = self.results.get(pid)
         kw = {k: getattr(prev, k) for k in ("target_version", "in_range", "bug_present")} if prev else {}
@@ -207,11 +221,11 @@ class Engine:
         ctx = self.contexts.pop(pid, None)
         if ctx is not None:
             ctx.close()
-        return self.recorder.restore(pid)
+        return self._recorder.restore(pid) if self._recorder is not None else []
 
     def process(self, patch: Patch, *, startup: bool = False, done: str | None = None) -> PatchResult:
         pid = patch.id
-        if self.recorder.records(pid):
+        if self._records(pid):
             restored = self.recorder.forget_restored(pid)
             if restored:
                 # somebody put an original back: what is left of ours is undone, then applied afresh
@@ -278,6 +292,8 @@ class Engine:
             if not bug:
                 return self._set(pid, Outcome.NOT_AFFECTED, "probe: the installed code does not have the bug"
                                  + (f" ({before.detail})" if before.detail else ""), bug_present=False, **kw)
+        from ._recorder import Conflict, PatchContext
+
         ctx = PatchContext(patch, self.recorder, self.lock)
         self.contexts[pid] = ctx
         try:
@@ -313,7 +329,7 @@ class Engine:
             chosen, disabled = self.select(only, exclude)
             out: dict[str, PatchResult] = {}
             for pid, why in disabled.items():
-                if pid in self.wanted or self.recorder.records(pid):
+                if pid in self.wanted or self._records(pid):
                     # an earlier apply() switched it on: leave it live, say so
                     out[pid] = self._live_state(pid) or self.results.get(pid) or self._set(pid, Outcome.DISABLED, why)
                     continue
@@ -333,7 +349,7 @@ class Engine:
     def on_import(self, patch_id: str, done: str | None = None) -> None:
         """Called by the post-import hook of a target module (``done``: its name)."""
         with self.lock:
-            if patch_id not in self.wanted or self.recorder.records(patch_id):
+            if patch_id not in self.wanted or self._records(patch_id):
                 return
             patch = registry()[patch_id]
             if not all(_ready(m, done) for m in patch.modules):
@@ -359,7 +375,7 @@ class Engine:
             out: dict[str, PatchResult] = {}
             for pid in names:
                 self.wanted.discard(pid)
-                had = bool(self.recorder.records(pid))
+                had = bool(self._records(pid))
                 left = self._revert_one(pid)
                 if left:
                     out[pid] = self._set(pid, Outcome.CONFLICT, "; ".join(left))
@@ -386,7 +402,8 @@ class Engine:
     def live_ids(self) -> list[str]:
         """The patches whose every mutation is in place now (identity)."""
         with self.lock:
-            return [pid for pid in registry() if self.recorder.live(pid)]
+            rec = self._recorder
+            return [pid for pid in registry() if rec is not None and rec.live(pid)]
 
     _changed = True
 
@@ -442,7 +459,7 @@ def get_original(name_or_target):
             for i in range(len(parts) - 1, 0, -1):
                 mod = ".".join(parts[:i])
                 if mod in sys.modules or _importable(mod):
-                    owner = importlib.import_module(mod)
+                    owner = import_module(mod)
                     for p in parts[i:-1]:
                         owner = getattr(owner, p)
                     return rec.original_of(owner, parts[-1])
@@ -453,7 +470,7 @@ def get_original(name_or_target):
 
 def _importable(mod: str) -> bool:
     try:
-        importlib.import_module(mod)
+        import_module(mod)
         return True
     except ImportError:
         return False

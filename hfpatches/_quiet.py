@@ -22,7 +22,12 @@ class Quiet:
         tlog.set_verbosity_error()
         if bars:
             tlog.disable_progress_bar()
-        self._undo.append(lambda: (tlog.set_verbosity(level), bars and tlog.enable_progress_bar()))
+        def restore_transformers() -> None:
+            tlog.set_verbosity(level)
+            if bars:
+                tlog.enable_progress_bar()
+
+        self._undo.append(restore_transformers)
         tok = os.environ.get("TOKENIZERS_PARALLELISM")
         self._undo.append(lambda: os.environ.pop("TOKENIZERS_PARALLELISM", None) if tok is None
                           else os.environ.__setitem__("TOKENIZERS_PARALLELISM", tok))

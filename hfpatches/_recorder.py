@@ -6,11 +6,10 @@ the context its ``apply(ctx)`` receives (``replace``, ``wrap``, ``original``, ``
 """
 from __future__ import annotations
 
-import importlib
 import sys
 
 from . import _hooks, _log
-from ._declare import raw_getattr
+from ._declare import import_module, raw_getattr
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
@@ -209,7 +208,7 @@ class PatchContext:
         self.state.clear()
 
     def module(self, name: str) -> Any:
-        return sys.modules.get(name) or importlib.import_module(name)
+        return sys.modules.get(name) or import_module(name)
 
     def replace(self, owner: Any, name: str, value: Any) -> Any:
         """Set ``owner.name = value``; returns the original raw value."""

@@ -3,10 +3,9 @@ implementation (a patch package's ``__init__`` holds only its declaration; its `
 is imported when the patch attaches)."""
 from __future__ import annotations
 
-import importlib
 import os
 
-from ._declare import Patch
+from ._declare import Patch, import_module
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,7 +30,7 @@ def _discover() -> dict[str, Patch]:
     found: dict[str, Patch] = {}
     for name in sorted(names):
         modname = f"{pkg.__name__}.{name}"
-        mod = importlib.import_module(modname)
+        mod = import_module(modname)
         patch = getattr(mod, "PATCH", None)
         if not isinstance(patch, Patch):
             continue
@@ -66,7 +65,7 @@ def implementation(patch: Patch, name: str, required: bool = True) -> Callable[.
         if required:
             raise RuntimeError(f"patch {patch.id!r} declares no {name} and no impl module")
         return None
-    mod = importlib.import_module(patch.impl)
+    mod = import_module(patch.impl)
     fn = getattr(mod, name, None)
     if fn is None and required:
         raise RuntimeError(f"{patch.impl} has no {name}() (patch {patch.id!r})")

@@ -20,7 +20,16 @@ class Outcome(str):
     """
 
     __slots__ = ()
-    _ALL: tuple = ()
+    _ALL: tuple[str, ...] = ()
+    APPLIED: Outcome
+    ALREADY_APPLIED: Outcome
+    DEFERRED: Outcome
+    NOT_INSTALLED: Outcome
+    NOT_AFFECTED: Outcome
+    DISABLED: Outcome
+    TARGET_CHANGED: Outcome
+    CONFLICT: Outcome
+    FAILED: Outcome
 
     def __new__(cls, value):
         value = str.__str__(value) if isinstance(value, str) else value

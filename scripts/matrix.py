@@ -32,7 +32,7 @@ def table() -> str:
         if p.affected:
             req = f"{p.affected} ({req})"
         default = "on" if p.default_enabled else f"opt-in (`{p.enable_env}`)" if p.enable_env else "opt-in"
-        rows.append(f"| `{p.id}` | {p.summary} | {req} | {', '.join(_link(u) for u in p.upstream)} "
+        rows.append(f"| [`{p.id}`](docs/patches/{p.id}.md) | {p.summary} | {req} | {', '.join(_link(u) for u in p.upstream)} "
                     f"| {f'`{p.fixed_in}`' if p.fixed_in else 'not fixed upstream'} | {default} "
                     f"| {', '.join(p.verified_stacks) or '-'} |")
     return "\n".join(rows)

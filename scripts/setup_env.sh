@@ -10,7 +10,7 @@ venv="$root/.venvs/$stack"
 py=${PYTHON:-python3.11}
 command -v "$py" >/dev/null || py=python3
 stamp="$venv/.hfpatches-stamp"
-want=$(cat "$cons" "$root/pyproject.toml" "$0" | sha256sum | cut -d' ' -f1)
+want=$(cat "$cons" "$root/pyproject.toml" "$root/hfpatches_auto.pth" "$0" | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
   echo "[setup] .venvs/$stack is up to date"; exit 0
 fi
@@ -38,7 +38,8 @@ fi
 echo "$want" > "$stamp"
 "$venv/bin/python" - <<'PY'
 import importlib.metadata as md
-for n in ("torch", "transformers", "peft", "accelerate", "liger-kernel", "trl", "flair", "flash-attn"):
+from hfpatches._doctor import STACK
+for n in STACK:
     try:
         print(f"[setup]   {n}=={md.version(n)}")
     except md.PackageNotFoundError:

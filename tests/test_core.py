@@ -531,3 +531,67 @@ def test_hook_waits_until_the_whole_package_is_initialised(tmp_path):
         hfpatches.revert([p.id])
         registry().pop(p.id)
         forget(name)
+
+
+def test_cli_doctor_strict_fails_when_a_target_cannot_be_imported(py, tmp_path):
+    """A patch whose target is installed but cannot be imported stays DEFERRED: nothing is
+    verified, so ``doctor --strict`` exits 1 and --json says ok: false (issue 12 item 15)."""
+    name = "brokenlib_" + uuid.uuid4().hex[:6]
+    make_fake(tmp_path, name, "1.0.0", source="raise ImportError('needs a CUDA driver')\n")
+    code = f"""
+        import sys, json
+        sys.path.insert(0, {str(tmp_path)!r})
+        from hfpatches._declare import Patch, Target
+        from hfpatches._registry import register_for_tests
+        register_for_tests(Patch(id="fake_broken", summary="", upstream=(), requires=("{name}>=1",),
+            fixed_in=None, targets=(Target("{name}", "x"),), probe=lambda: True, apply=lambda ctx: None))
+        from hfpatches.__main__ import main
+        sys.exit(main(["doctor", "--json", "--strict"]))
+    """
+    proc = py(code, check=False, env={"HFPATCHES_ONLY": "fake_broken"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    data = json.loads(proc.stdout)
+    row = next(r for r in data["patches"] if r["patch"] == "fake_broken")
+    assert row["outcome"] == "DEFERRED" and "cannot be imported" in row["reason"] and data["ok"] is False, row
+    loose = py(code.replace('"--strict"', '"--json"'), check=False, env={"HFPATCHES_ONLY": "fake_broken"})
+    assert loose.returncode == 0, loose.stdout + loose.stderr
+
+
+@pytest.mark.parametrize("var", ["HFPATCHES_ONLY", "HFPATCHES_DISABLE"])
+@pytest.mark.parametrize("value", [",,,", " , "])
+def test_a_list_naming_no_patch_is_refused(monkeypatch, var, value):
+    """HFPATCHES_ONLY=",,," used to disable every patch silently (issue 12 item 21)."""
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match=f"{var}=.*names no patch id"):
+        hfpatches.apply()
+
+
+@pytest.mark.parametrize(("var", "value", "valid"), [("HFPATCHES_DTYPE_POLICY", "bf16", "backbone, float32"),
+                                                       ("HFPATCHES_STRICT_LOADS", "maybe", "use 1 or 0"),
+                                                       ("HFPATCHES_PROBE", "sometimes", "use 1 or 0")])
+def test_every_switch_is_checked_at_apply_time(monkeypatch, var, value, valid):
+    """A typo fails at apply(), naming the valid values, not at the first predict (item 14)."""
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match=valid):
+        hfpatches.apply()
+
+
+def test_identity_status_and_revert_conflict_on_a_fake(fake):
+    """status() checks identity: an original put back behind our back is not APPLIED; after a
+    conflicting revert, apply() applies afresh once the original is back (item 8)."""
+    m = fake.imp()
+    p = fake.patch()
+    assert hfpatches.apply(only=[p.id])[p.id].outcome == Outcome.APPLIED
+    original = hfpatches.get_original(p.id)
+    m.add = original                           # a library restores what it saved before apply()
+    st = hfpatches.status()[p.id]
+    assert st.outcome == Outcome.CONFLICT and "not live" in st.reason, st
+    assert p.id not in ENGINE.live_ids()
+    assert hfpatches.apply(only=[p.id])[p.id].outcome == Outcome.APPLIED
+    m.add = lambda a, b: 0                     # somebody else re-patches on top
+    m.add.__module__ = "somebody_else"
+    assert hfpatches.revert([p.id])[p.id].outcome == Outcome.CONFLICT
+    m.add = original
+    assert hfpatches.apply(only=[p.id])[p.id].outcome == Outcome.APPLIED
+    hfpatches.revert([p.id])
+    assert m.add is original

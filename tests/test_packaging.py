@@ -99,8 +99,25 @@ def test_auto_makes_fixes_live_without_code_change(venv):
     r = json.loads(off.stdout.strip().splitlines()[-1])
     assert not r["imported"], "without HFPATCHES_AUTO nothing of hfpatches may be imported"
     assert not r["kept"], "the bug should show without the patch (to_empty left the buffer uninitialised)"
-    zero = _run(venv, SCRIPT, HFPATCHES_AUTO="0")
-    assert not json.loads(zero.stdout.strip().splitlines()[-1])["imported"]
+    for off_value in ("0", "false", "OFF", "no", " "):   # the .pth used to treat only '' and '0' as off
+        zero = _run(venv, SCRIPT, HFPATCHES_AUTO=off_value)
+        r = json.loads(zero.stdout.strip().splitlines()[-1])
+        assert not r["imported"] and not r["kept"], (off_value, r)
+    for on_value in ("true", "YES", "on"):
+        r = json.loads(_run(venv, SCRIPT, HFPATCHES_AUTO=on_value).stdout.strip().splitlines()[-1])
+        assert r["imported"] and r["kept"], (on_value, r)
+    bad = _run(venv, SCRIPT, HFPATCHES_AUTO="maybe")
+    r = json.loads(bad.stdout.strip().splitlines()[-1])
+    assert not r["kept"] and "HFPATCHES_AUTO='maybe' is not a boolean" in bad.stderr, (r, bad.stderr)
+
+
+def test_pth_false_values_are_envs():
+    """The .pth decides "off" without importing hfpatches; its set must be _env's."""
+    from hfpatches import _env
+
+    text = (ROOT / "hfpatches_auto.pth").read_text()
+    inside = text.split("not in (", 1)[1].split(")", 1)[0]
+    assert {v.strip().strip("'") for v in inside.split(",")} == _env._FALSE
 
 
 def test_auto_with_a_bad_setting_does_not_break_startup(venv):

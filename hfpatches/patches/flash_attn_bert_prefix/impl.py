@@ -1,4 +1,4 @@
-"""Implementation of ``flash_attn_bert_prefix`` (declared in ``__init__.py``; rationale in docs/patches/flash_attn_bert_prefix.md)."""
+"""Implementation of ``flash_attn_bert_prefix`` (declared in ``__init__.py``; rationale in docs/patches/*.md)."""
 from __future__ import annotations
 
 import os

@@ -180,11 +180,12 @@ class Writer:
 
     def _write(self, report, raw: str) -> str | None:
         pid = os.getpid()
-        if self.pid != pid:
-            if self.pid is not None:   # a fork of a recorded process: a record of its own
+        if self.pid != pid or self.started is None:
+            if self.pid is not None and self.pid != pid:   # a fork of a recorded process: a record of its own
                 self.forked_from, self.file, self.last = self.pid, None, None
             self.pid = pid
             self.started = process_start()
+        started: float = self.started
         # APPLIED -> ALREADY_APPLIED (a repeated apply()) changes nothing worth a write
         state = tuple((k, "live") if r.outcome in _LIVE else (k, r.outcome, r.reason, r.target_version)
                       for k, r in report.items())
@@ -198,8 +199,8 @@ class Writer:
         if self.file is None:
             if index is not None and not os.path.lexists(index):
                 write_atomic(index, index_text(index), replace=False)
-            self.file = os.path.join(records, record_name(host(), pid, self.started))
-        rec = build_record(report, pid=pid, started=self.started, forked_from=self.forked_from)
+            self.file = os.path.join(records, record_name(host(), pid, started))
+        rec = build_record(report, pid=pid, started=started, forked_from=self.forked_from)
         write_atomic(self.file, _dumps(rec, indent=True) + "\n")
         self.last = state
         return self.file

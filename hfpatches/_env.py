@@ -100,7 +100,8 @@ def get_raw(name: str) -> str | None:
 
 def get_set(names) -> dict[str, str]:
     """``{name: value}`` of those ``names`` that are set, as set."""
-    return {k: os.environ[k] for k in names if k in os.environ}
+    get = os.environ.get
+    return {k: v for k, v in ((k, get(k)) for k in names) if v is not None}
 
 
 def set_raw(name: str, value: str) -> None:

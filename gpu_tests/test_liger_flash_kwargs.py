@@ -85,7 +85,7 @@ def _in_range() -> bool:
 
 
 def _handed_on(batch) -> bool:
-    from hfpatches.patches.liger_flash_kwargs import malformed
+    from hfpatches.patches.liger_flash_kwargs.impl import malformed
 
     return malformed({k: batch[k] for k in KEYS}, torch) is None
 

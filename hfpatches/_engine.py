@@ -1,6 +1,6 @@
 """The engine: selection, version and shape checks, probe -> apply -> verify, attach on import.
 
-Order of checks for one patch (shared/design/DESIGN.md): installed? -> version range -> target
+Order of checks for one patch (CONTRIBUTING.md has the layers): installed? -> version range -> target
 modules imported (else DEFERRED, attach on import) -> target still has the expected shape ->
 probe says the bug is present -> apply -> probe again says it is fixed (else roll back, FAILED).
 Nothing here is imported by a patch; patches get a :class:`~hfpatches._recorder.PatchContext`.

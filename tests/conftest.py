@@ -23,6 +23,11 @@ for _v in _env.ALL:
         os.environ.pop(_v, None)
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
+# Deterministic numerics: BLAS/OpenMP reductions are split by thread count, and MKL shrinks its
+# team under load (MKL_DYNAMIC), so fp32 results moved with `-n 2` on 2 cores. One thread in every
+# test process and in every child process (they inherit the environment); see _one_thread below.
+for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_v] = "1"
 
 
 def _version(dist: str) -> str | None:
@@ -79,6 +84,14 @@ def flash_attn_cpu():
     import flash_attn.models.bert as fb
 
     return fb
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """torch.set_num_threads(1) too, in case torch was imported before this conftest."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -17,6 +17,7 @@ MODEL_PKG = "liger_kernel.transformers.model"
 ENTRY = "LigerForCausalLMLoss"                      # what every model's lce_forward calls
 SHARED = "fixed_fused_linear_cross_entropy"         # looked up in loss_utils' globals per call
 CALLEE = "liger_fused_linear_cross_entropy"         # the fixed-signature functional (``F.<CALLEE>``)
+SHIFT = "shift_labels"                              # transformers' ForCausalLMLoss honours it
 FALLBACK_FLASH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 # Caches keyed on classes (not patch state: they hold no decision, only signatures).
@@ -56,11 +57,77 @@ def _keyword_names(func) -> frozenset | None:
     return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
-def _make_filter(original, own: frozenset, module_globals: dict, accepted: dict):
+def _transformers_loss_keys() -> frozenset:
+    """Keywords transformers' causal-LM loss (``ForCausalLMLoss``, installed version) names beyond
+    its positional inputs: the keys that change transformers' loss (4.51-5.x: num_items_in_batch,
+    ignore_index, shift_labels). Every other keyword is swallowed by its ``**kwargs``."""
+    import inspect
+
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+
+        params = inspect.signature(ForCausalLMLoss).parameters.values()
+    except (ImportError, TypeError, ValueError):
+        return frozenset({SHIFT})
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return frozenset(named - {"logits", "labels", "vocab_size"}) | {SHIFT}
+
+
+def _make_resolver(ctx, entry_code, loss_keys: frozenset, warned: set):
+    """What the filter does with a dropped keyword other than FlashAttention's (the slow path):
+    ``shift_labels`` from ``LigerForCausalLMLoss`` becomes the target, as in transformers'
+    ``ForCausalLMLoss`` and liger-kernel >= 0.5.7; ``shift_labels`` from any other caller, and
+    any other key transformers' loss names, is refused (TypeError); anything else is dropped
+    (transformers' loss ignores it too) and named once in a WARNING, because transformers'
+    forward would also hand it to the decoder and Liger 0.5.6's forward does not."""
+
+    def resolve(caller, args: tuple, kwargs: dict, quiet: frozenset) -> tuple:
+        for key in sorted(k for k in kwargs if k not in quiet):
+            if key == SHIFT:
+                shift = kwargs[key]
+                if shift is None:          # transformers: None = derive them from labels
+                    continue
+                if caller is not entry_code or len(args) < 3:
+                    raise TypeError(
+                        f"hfpatches {PATCH_ID}: {SHARED}() got {SHIFT!r} outside {ENTRY}: it already "
+                        f"has a target (the shifted labels), so which one is meant is ambiguous. Pass "
+                        f"the shifted labels as `target`, or call {ENTRY}(..., {SHIFT}=...).")
+                hidden = args[0]
+                shift = shift.view(-1).to(hidden.device)   # as transformers' ForCausalLMLoss does
+                if shift.numel() != hidden.shape[0]:
+                    raise ValueError(
+                        f"hfpatches {PATCH_ID}: {SHIFT} has {shift.numel()} elements, expected one per "
+                        f"token of the hidden states ({hidden.shape[0]}): pass labels already shifted, "
+                        f"with the same shape as input_ids")
+                args = (*args[:2], shift, *args[3:])
+            elif key in loss_keys:
+                raise TypeError(
+                    f"hfpatches {PATCH_ID}: keyword {key!r} changes the loss in transformers' "
+                    f"ForCausalLMLoss, but liger-kernel's fused linear cross-entropy cannot take it and "
+                    f"hfpatches does not know how to honour it: refused rather than dropped. Remove it, "
+                    f"or compute this loss without Liger's fused linear cross-entropy "
+                    f"(fused_linear_cross_entropy=False).")
+            elif key not in warned:
+                warned.add(key)
+                ctx.log.warning(
+                    "%s: keyword %r reached Liger's fused loss, which does not take it: dropped. "
+                    "transformers' own loss ignores it too, but transformers' forward also hands every "
+                    "keyword to the decoder and liger-kernel 0.5.6's forward does not (this patch hands "
+                    "on FlashAttention's keys only): if %r is meant for the decoder or attention, it has "
+                    "no effect here. (Said once per key.)", PATCH_ID, key, key)
+        return args
+
+    return resolve
+
+
+def _make_filter(original, own: frozenset, module_globals: dict, accepted: dict, flash: frozenset,
+                 resolve):
     """The replacement of ``fixed_fused_linear_cross_entropy``: a plain closure, not a wrapt
     proxy (the proxy's call path costs ~1.5 us here, the closure's one frame ~0.3 us).
-    ``accepted`` maps a callee to the keyword names that survive (``own`` plus the callee's), or
-    None: filter nothing. ``__wrapped__`` keeps the original's signature for introspection."""
+    ``accepted`` maps a callee to None (filter nothing) or ``(ok, quiet)``: ``ok`` the keyword
+    names that survive (``own`` plus the callee's), ``quiet`` those plus FlashAttention's keys
+    (dropped here, handed to the decoder). Any other key goes through ``resolve`` (the slow
+    path). ``__wrapped__`` keeps the original's signature for introspection."""
 
     def fixed_fused_linear_cross_entropy(*args, **kwargs):
         if not kwargs:
@@ -70,18 +137,21 @@ def _make_filter(original, own: frozenset, module_globals: dict, accepted: dict)
             ok = accepted[callee]
         except KeyError:
             names = _keyword_names(callee)
-            ok = accepted[callee] = None if names is None else own | names
-        if ok is None or ok.issuperset(kwargs):
+            ok = accepted[callee] = None if names is None else (own | names, own | names | flash)
+        if ok is None or ok[0].issuperset(kwargs):
             return original(*args, **kwargs)
-        keep = ok.intersection(kwargs)      # usually empty: FlashAttention keys only
+        if not ok[1].issuperset(kwargs):    # a key other than FlashAttention's would be dropped
+            args = resolve(sys._getframe(1).f_code, args, kwargs, ok[1])
+        keep = ok[0].intersection(kwargs)   # usually empty: FlashAttention keys only
         if not keep:
             return original(*args)
         return original(*args, **{k: kwargs[k] for k in keep})
 
     fixed_fused_linear_cross_entropy.__wrapped__ = original
     fixed_fused_linear_cross_entropy.__doc__ = (
-        f"hfpatches {PATCH_ID}: drops keywords that neither {SHARED} nor F.{CALLEE} accepts, then "
-        f"calls liger-kernel's {SHARED}.")
+        f"hfpatches {PATCH_ID}: drops FlashAttention's keywords (neither {SHARED} nor F.{CALLEE} "
+        f"accepts them), honours {SHIFT} from {ENTRY}, refuses other loss keys, then calls "
+        f"liger-kernel's {SHARED}.")
     return fixed_fused_linear_cross_entropy
 
 
@@ -243,7 +313,8 @@ def apply(ctx) -> None:
     params = inspect.signature(original).parameters.values()
     own = frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
     accepted: dict = {}
-    replacement = _make_filter(original, own, vars(lu), accepted)
+    resolve = _make_resolver(ctx, getattr(lu, ENTRY).__code__, _transformers_loss_keys(), set())
+    replacement = _make_filter(original, own, vars(lu), accepted, ctx.state["flash"], resolve)
     ctx.replace(lu, SHARED, replacement)
     ctx.state.update(proxy=replacement, accepted=accepted)
     _attach_hand_off(ctx, lu)

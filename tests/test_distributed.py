@@ -39,6 +39,7 @@ def python(tmp_path_factory) -> str:
 
 
 def _expected_live(stack: str) -> list[str]:
+    """At least these; liger-kernel 0.8.5 (latest stack) has no bug: NOT_AFFECTED there."""
     return ["liger_flash_kwargs", "meta_buffers"] if stack == "affected" else ["meta_buffers"]
 
 
@@ -71,10 +72,11 @@ def _report(path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _check_agreeing_run(tmp_path: Path, ranks: list[dict], stack: str, *, workers: bool) -> None:
-    want = _expected_live(stack)
     for r in ranks:
         assert r["inv_freq_ok"], f"rank {r['rank']}: meta-initialised model lost inv_freq: {r}"
-        assert r["status_live"] == want and r["loss"] == r["loss"], r
+        assert set(_expected_live(stack)) <= set(r["status_live"]) and r["loss"] == r["loss"], r
+    want = ranks[0]["status_live"]   # what hfpatches.status() said inside the rank: the record must say the same
+    assert ranks[1]["status_live"] == want, ranks
     index = tmp_path / "logs" / "hfpatches.json"
     proc = _report(index, "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr

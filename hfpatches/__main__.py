@@ -1,4 +1,4 @@
-"""``python -m hfpatches`` / ``hfpatches``: doctor, audit, list, demo, inspect."""
+"""``python -m hfpatches`` / ``hfpatches``: doctor, audit, list, demo, inspect, report."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--config", default=None, help="config directory (default: the checkpoint's)")
     ins.add_argument("--json", action="store_true")
     ins.add_argument("--debug", action="store_true", help="show tracebacks")
+    rp = sub.add_parser("report", help="read back a run's per-process records (HFPATCHES_REPORT): one row "
+                        "per process, then whether the ranks agree; exit 0 consistent, 1 not, 2 unreadable")
+    rp.add_argument("path", help="what HFPATCHES_REPORT named: the directory, or the file (records in FILE.d/)")
+    rp.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -56,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import loading
 
         return loading.inspect_main(args)
+    if args.cmd == "report":
+        from ._manifest import report_main
+
+        return report_main(args.path, args.json)
     return 2  # pragma: no cover
 
 

@@ -135,6 +135,7 @@ class Engine:
         self.probe_for: dict[str, bool] = {}
         self.contexts: dict[str, PatchContext] = {}
         self.listeners: list[Any] = [self.write_manifest]  # called after an outcome changed
+        self.manifest: Any = None                 # _manifest.Writer, made on the first write
 
     @property
     def recorder(self) -> Recorder:
@@ -415,34 +416,15 @@ class Engine:
             fn()
 
     def write_manifest(self) -> None:
-        path = _env.get_path(_env.REPORT)
-        if not path:
-            return
-        import os
+        """This process's record under ``HFPATCHES_REPORT`` (``_manifest``: one file per process,
+        rewritten only when its state changed; never raises)."""
+        raw = _env.get_path(_env.REPORT)
+        if raw:
+            if self.manifest is None:
+                from ._manifest import Writer
 
-        from ._report import write_json_atomic
-        from ._version import __version__
-
-        reg = registry()
-        versions = {}
-        for p in reg.values():
-            for line in p.requires:
-                from packaging.requirements import Requirement
-
-                name = Requirement(line).name
-                versions[name] = dist_version(name)
-        payload = {
-            "hfpatches": __version__,
-            "python": sys.version.split()[0],
-            "pid": os.getpid(),
-            "versions": versions,
-            "patches": {pid: r.to_dict() for pid, r in self.status().items() if pid in self.results},
-            "live": self.live_ids(),
-        }
-        try:
-            write_json_atomic(path, payload)
-        except OSError as e:
-            log(WARNING, "could not write %s=%s: %s", _env.REPORT, path, e)
+                self.manifest = Writer()
+            self.manifest.write(self.status(), raw)
 
 
 ENGINE = Engine()

@@ -14,7 +14,9 @@ DISABLE = "HFPATCHES_DISABLE"
 STRICT = "HFPATCHES_STRICT"
 #: ``0``: skip the behavioural probes and trust the version ranges.
 PROBE = "HFPATCHES_PROBE"
-#: Path of a JSON run manifest, rewritten whenever an outcome changes.
+#: Run manifest: a directory (existing, or ending in ``/``) gets one JSON record per process;
+#: any other path ``FILE`` is an index, with the records in ``FILE.d/`` (see ``_manifest.py``).
+#: Each process rewrites only its own record, when one of its outcomes changes.
 REPORT = "HFPATCHES_REPORT"
 #: ``1``: apply at interpreter start (through the installed ``hfpatches_auto.pth``).
 AUTO = "HFPATCHES_AUTO"
@@ -27,6 +29,20 @@ DTYPE_POLICIES = ("backbone", "float32")
 CACHE = "HFPATCHES_CACHE"
 #: Internal: the pid whose start-up already ran ``HFPATCHES_AUTO`` (a child re-runs it).
 AUTOSTARTED = "_HFPATCHES_AUTOSTARTED"
+
+#: Launcher conventions, read (never set) for the run manifest: (rank, local rank, world size)
+#: variables, most specific first. torchrun and multi-process ``accelerate launch`` set the torch
+#: ones; Open MPI, MPICH / Intel MPI and MVAPICH (accelerate's mpirun path) theirs; ``srun`` SLURM's.
+RANK_SOURCES = (
+    ("RANK", "LOCAL_RANK", "WORLD_SIZE"),
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"),
+    ("PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE"),
+    ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_SIZE"),
+    ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"),
+)
+#: What tells one launch from another (and a torchelastic restart), recorded with the rank.
+RUN_VARS = ("SLURM_JOB_ID", "SLURM_STEP_ID", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
+            "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "SLURM_NODEID")
 
 #: Every variable a user sets (tests clear these for a clean slate).
 ALL = (ONLY, DISABLE, STRICT, PROBE, REPORT, AUTO, STRICT_LOADS, DTYPE_POLICY, CACHE)
@@ -80,6 +96,12 @@ def get_path(name: str) -> str | None:
 def get_raw(name: str) -> str | None:
     """The value as set (None when unset); for variables with no syntax to check."""
     return os.environ.get(name)
+
+
+def get_set(names) -> dict[str, str]:
+    """``{name: value}`` of those ``names`` that are set, as set."""
+    get = os.environ.get
+    return {k: v for k, v in ((k, get(k)) for k in names) if v is not None}
 
 
 def set_raw(name: str, value: str) -> None:

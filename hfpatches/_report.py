@@ -1,8 +1,6 @@
 """Outcomes and the Report every public call returns."""
 from __future__ import annotations
 
-import os
-
 from ._declare import Record
 
 TYPE_CHECKING = False
@@ -157,24 +155,3 @@ class Report(dict):
 
     __repr__ = __str__
 
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Write ``payload`` as JSON so that a crash leaves the old file intact."""
-    import json
-    import tempfile
-
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".hfpatches-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

@@ -404,10 +404,11 @@ def test_report_manifest_written_and_updated_on_attach(fake, tmp_path, monkeypat
     monkeypatch.setenv("HFPATCHES_REPORT", str(path))
     p = fake.patch()
     hfpatches.apply(only=[p.id])
-    data = json.loads(path.read_text())
+    [rec_file] = (tmp_path / "logs" / "hfpatches.json.d").glob("*.json")   # this process's record
+    data = json.loads(rec_file.read_text())
     assert data["patches"][p.id]["outcome"] == "DEFERRED" and p.id not in data["live"]
     fake.imp()
-    data = json.loads(path.read_text())
+    data = json.loads(rec_file.read_text())
     assert data["patches"][p.id]["outcome"] == "APPLIED" and p.id in data["live"]
     assert data["versions"][fake.mod] == "1.0.0"
 

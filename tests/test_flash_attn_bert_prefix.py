@@ -302,6 +302,10 @@ def test_layer_count_mismatch_is_a_clear_error(fb, demo, data):
             fb.BertForPreTraining.from_pretrained(data["pre"], cfg(demo, data, num_hidden_layers=4))
     assert "encoder.layer.6.attention.self.query.weight" in str(more.value)
     assert "the checkpoint has 6 encoder layers, config.num_hidden_layers is 8" in str(more.value)
+    # two whole layers are missing: all 2 x 16 of their weights, not only the 2 x 6 of Q/K/V
+    assert "missing backbone weights (32): " in str(more.value) and "(+22 more)" in str(more.value)
+    assert "encoder.layer.6.attention.output.LayerNorm.bias" in str(more.value)
+    assert "layers missing entirely: 6, 7" in str(more.value)
     m = str(less.value)
     assert "unexpected checkpoint weights (" in m and "bert.encoder.layers.4." in m and "(+" in m  # first 10 + count
     assert "the checkpoint has 6 encoder layers, config.num_hidden_layers is 4" in m
@@ -761,3 +765,23 @@ def test_saving_over_the_loaded_checkpoint(fb, tmp_path, py, fmt, force):
     assert "SAME True" in proc.stdout, proc.stdout
     if fmt == "bin":
         assert "FILE True" in proc.stdout, proc.stdout
+
+
+def test_a_missing_middle_layer_is_counted_whole(fb, demo, data, tmp_path):
+    """A partial checkpoint (layer 3 gone, e.g. a lost shard): every weight of the layer is named."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "partial"
+    d.mkdir()
+    sd = load_file(os.path.join(data["src"], "model.safetensors"))
+    gone = sorted(k for k in sd if k.startswith("encoder.layer.3."))
+    assert len(gone) == 16
+    save_file({k: v for k, v in sd.items() if k not in gone}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text(open(os.path.join(data["src"], "config.json")).read())
+    with pytest.raises(KeyError):
+        fb.BertModel.from_pretrained(str(d), cfg(demo, data))                  # upstream
+    with hfpatches.patched(PID), pytest.raises(CheckpointError) as ei:
+        fb.BertModel.from_pretrained(str(d), cfg(demo, data))
+    msg = str(ei.value)
+    assert "missing backbone weights (16): encoder.layer.3.attention.self.query.weight" in msg, msg
+    assert "(+6 more)" in msg and "layers missing entirely: 3" in msg and "partial" in msg, msg

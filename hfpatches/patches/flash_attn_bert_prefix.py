@@ -536,22 +536,9 @@ def load_pretrained(cls, model_name, config, *inputs, checkpoint_prefix=None, **
                                    positions=lambda key: raw[key][:POSITION_ROWS] if key in raw else None)
     emb = raw[prefix + ANCHOR]
     emb_shape = tuple(emb.shape)
-    box = [_to_bert_prefix(raw, prefix)]
+    box = [raw]
     del raw, emb  # from here on the only reference to the tensors is the dict in ``box``
-    qkv = [f"bert.encoder.layer.{d}.attention.self.{p}.{w}" for d in range(config.num_hidden_layers)
-           for p in ("query", "key", "value") for w in ("weight", "bias")]
-    if any(k not in box[0] for k in qkv):
-        # remap_state_dict pops q/k/v unconditionally: say everything that is missing instead of a KeyError
-        missing, whole = _missing_layer_keys(raw_keys, prefix, config.num_hidden_layers)
-        raise _error(model_name, cls, missing=missing, unexpected=[],
-                     cause=_cause_for_layers(raw_keys, config, whole))
-    stand_ins = _add_stand_ins(box[0], config)
-    # flash-attn's own remap; handing over the only reference lets it free q/k/v once fused
-    sd = fb.remap_state_dict(box.pop(), config)
-    for k in stand_ins:
-        sd.pop(k, None)
-    target = _target_prefix(model, fb)
-    sd = _from_bert_prefix(sd, target)
+    sd, target = remap_checkpoint(box, prefix, config, model, raw_keys=raw_keys, who=(model_name, cls))
     plan = _Plan(model, sd, target)
     if not plan.ok:
         raise _error(model_name, cls, missing=plan.missing_backbone, unexpected=plan.unexpected_backbone,
@@ -578,6 +565,27 @@ def load_pretrained(cls, model_name, config, *inputs, checkpoint_prefix=None, **
     log.info("%s: loaded (checkpoint prefix %r -> model prefix %r; %s; non-weight buffers ignored: %s)",
              _where(model_name, cls), prefix, target, result, _show(plan.ignored) or "none")
     return model
+
+
+def remap_checkpoint(box: list, prefix: str, config, model, *, raw_keys, who) -> tuple[dict, str]:
+    """The checkpoint's state dict (the one item of ``box``, handed over so that flash-attn's remap
+    can free q/k/v once fused) in ``model``'s names: backbone moved under ``bert.``, flash-attn's own
+    ``remap_state_dict``, then moved to where ``model`` holds its BertModel. Returns (state dict, that
+    prefix). Works on meta tensors too (``inspect``). Missing Q/K/V raise the missing-layer error."""
+    fb = sys.modules[MODULE]
+    box.append(_to_bert_prefix(box.pop(), prefix))
+    qkv = [f"bert.encoder.layer.{d}.attention.self.{p}.{w}" for d in range(config.num_hidden_layers)
+           for p in ("query", "key", "value") for w in ("weight", "bias")]
+    if any(k not in box[0] for k in qkv):
+        # remap_state_dict pops q/k/v unconditionally: say everything that is missing instead of a KeyError
+        missing, whole = _missing_layer_keys(raw_keys, prefix, config.num_hidden_layers)
+        raise _error(*who, missing=missing, unexpected=[], cause=_cause_for_layers(raw_keys, config, whole))
+    stand_ins = _add_stand_ins(box[0], config)
+    sd = fb.remap_state_dict(box.pop(), config)
+    for k in stand_ins:
+        sd.pop(k, None)
+    target = _target_prefix(model, fb)
+    return _from_bert_prefix(sd, target), target
 
 
 def _add_stand_ins(sd: dict, config) -> list[str]:

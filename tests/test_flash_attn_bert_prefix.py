@@ -785,3 +785,51 @@ def test_a_missing_middle_layer_is_counted_whole(fb, demo, data, tmp_path):
     msg = str(ei.value)
     assert "missing backbone weights (16): encoder.layer.3.attention.self.query.weight" in msg, msg
     assert "(+6 more)" in msg and "layers missing entirely: 3" in msg and "partial" in msg, msg
+
+
+# ----------------------------------------------------------------------------- inspect says what the load does
+def inspect_flash(path: str, cls_name: str, config_dir: str | None = None):
+    """``python -m hfpatches inspect PATH --model flash_attn.models.bert.CLS --json`` -> (rc, report)."""
+    import contextlib
+    import io
+
+    from hfpatches.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    args = ["inspect", path, "--model", f"flash_attn.models.bert.{cls_name}", "--json"]
+    args += ["--config", config_dir] if config_dir else []
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(args)
+    return rc, (json.loads(out.getvalue()) if out.getvalue() else err.getvalue())
+
+
+def test_inspect_refuses_what_the_load_refuses(fb, demo, tmp_path):
+    cases = {
+        "roberta (config.json)": (roberta_checkpoint(tmp_path, "roberta-mlm", "safetensors")[0], None, ROBERTA_SIZES),
+        "xlm-r (no config.json)": (roberta_checkpoint(tmp_path, "xlmr-bare", "bin", config=False)[0], "cfg", ROBERTA_SIZES),
+        "dual encoder": (dual_encoder(tmp_path)[0], "cfg", {}),
+    }
+    cfg_dir = str(tmp_path / "bert-config")
+    for name, (path, config_dir, sizes) in cases.items():
+        c = flash_bert_config(demo, **sizes)
+        if config_dir:        # a BERT config with the checkpoint's sizes, elsewhere (as a user would pass it)
+            c.save_pretrained(cfg_dir)
+        for cls_name in ("BertModel", "BertForPreTraining"):
+            cls = getattr(fb, cls_name)
+            with hfpatches.patched(PID), pytest.raises(CheckpointError) as ei:
+                cls.from_pretrained(path, c)
+            rc, rep = inspect_flash(path, cls_name, cfg_dir if config_dir else None)
+            assert rc == 1 and rep["ok"] is False, (name, rep)
+            assert rep["incompatible"] == [" ".join(str(ei.value).split())], (name, rep["incompatible"], str(ei.value))
+
+
+def test_inspect_maps_keys_like_the_patched_load(fb, demo, data):
+    """A good checkpoint: inspect used to call all of flash-attn's fused/renamed weights missing
+    (74 of them, NOT OK); it now maps them as the patched load does."""
+    for path, cls_name in ((data["src"], "BertModel"), (data["pre"], "BertModel"), (data["src"], "BertForPreTraining")):
+        rc, rep = inspect_flash(path, cls_name)
+        assert rc == 0 and rep["ok"] is True, (path, cls_name, rep if isinstance(rep, str) else rep["verdict"])
+        assert rep["counts"].get("missing-backbone", 0) == 0 and rep["counts"]["matched"] >= 70
+        assert any("flash_attn_bert_prefix" in n for n in rep["notes"])
+    rc, rep = inspect_flash(data["src"], "BertForPreTraining")
+    assert {e["model_key"] for e in rep["entries"] if e["kind"] == "missing-new-head"} >= {"cls.seq_relationship.weight"}

@@ -1130,6 +1130,8 @@ def build_meta_model(class_path: str, config_dir: str):
             config = AutoConfig.from_pretrained(config_dir)
     except Exception as e:
         raise _UsageError(f"{os.path.join(config_dir, 'config.json')}: cannot build a config ({_one_line(e)})") from e
+    if _is_flash_bert(cls) and getattr(config, "position_embedding_type", None) is None:
+        config.position_embedding_type = "absolute"   # transformers 5 dropped the field (BERT is absolute only)
     with torch.device("meta"):
         if hasattr(cls, "from_config") and not hasattr(cls, "base_model_prefix"):  # Auto* classes
             return cls.from_config(config)

@@ -526,14 +526,13 @@ def load_pretrained(cls, model_name, config, *inputs, checkpoint_prefix=None, **
     ``'q_encoder.'``...) when it is not the one unambiguous ``''`` or ``'bert.'``."""
     import logging
 
-    fb = sys.modules[MODULE]
     config_path, config_json = checkpoint_config(model_name)
     model, on_meta = _build(cls, config, inputs, kwargs)
     raw, file_backed = read_state_dict(model_name)
     raw_keys = list(raw)
     prefix = check_bert_checkpoint(model_name, raw_keys, config=config, config_path=config_path,
                                    config_json=config_json, prefix=checkpoint_prefix, who=_where(model_name, cls),
-                                   positions=lambda key: raw[key][:POSITION_ROWS] if key in raw else None)
+                                   positions=lambda key, sd=raw: sd[key][:POSITION_ROWS] if key in sd else None)
     emb = raw[prefix + ANCHOR]
     emb_shape = tuple(emb.shape)
     box = [raw]

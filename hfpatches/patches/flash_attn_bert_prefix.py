@@ -155,12 +155,11 @@ def _torch_load(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
 
 
-def read_state_dict(model_name: str) -> tuple[dict, bool]:
-    """``(state dict, may_be_file_backed)``: the checkpoint's state dict, through flash-attn's own
-    reader (``.bin`` always with ``weights_only=True``), and whether its tensors may share memory
-    with a mapping of the checkpoint file (flash-attn's reader: safetensors are memory-mapped; our
-    ``.bin`` reader never maps). Finding nothing raises flash-attn's (or transformers') own error,
-    as before; a file that is there but cannot be read raises ``CheckpointError``."""
+def read_state_dict(model_name: str) -> dict:
+    """The checkpoint's state dict, through flash-attn's own reader (``.bin`` always with
+    ``weights_only=True`` and never memory-mapped). Finding nothing raises flash-attn's (or
+    transformers') own error, as before; a file that is there but cannot be read raises
+    ``CheckpointError``."""
     import pickle
 
     from ..errors import CheckpointError
@@ -169,11 +168,11 @@ def read_state_dict(model_name: str) -> tuple[dict, bool]:
     files = None if _upstream_bin_is_safe(reader) else _bin_files(model_name)
     try:
         if files is None:
-            return reader(model_name), _reader_maps_file(model_name)
+            return reader(model_name)
         out: dict = {}
         for f in files:
             out.update(_torch_load(f))
-        return out, False
+        return out
     except Exception as e:
         if files is None and not _has_weights_file(model_name):
             raise  # nothing local to read: the upstream resolution error, unchanged
@@ -185,15 +184,6 @@ def read_state_dict(model_name: str) -> tuple[dict, bool]:
         shown = f" {', '.join(map(str, files))}" if files else ""
         raise CheckpointError(f"{_where(model_name)}: could not read the checkpoint{shown} "
                               f"({type(e).__name__}: {str(e).strip()[:500]}).\n  likely cause: {cause}") from e
-
-
-def _reader_maps_file(model_name: str) -> bool:
-    """May flash-attn's reader have returned tensors backed by a mapping of the file? Yes for
-    safetensors (``safetensors.torch.load_file`` maps it); not for ``.bin`` (plain ``torch.load``)."""
-    try:
-        return _bin_files(model_name) is None
-    except Exception:  # noqa: BLE001 - cannot tell: assume it does (the cost is one copy)
-        return True
 
 
 def _has_weights_file(model_name: str) -> bool:
@@ -484,14 +474,12 @@ def _build(cls, config, inputs, kwargs):
     return cls(config, *inputs, **kwargs), False
 
 
-def _assign(model, sd: dict, *, copy: bool) -> None:
-    """Load ``sd`` into a meta-built ``model`` by taking its tensors as the parameters, then restore
-    tied parameters (``assign`` replaces each name's Parameter separately). ``copy``: the tensors may
-    be backed by a mapping of the checkpoint file (flash-attn's safetensors reader), so each is copied
-    into the process's own memory - a parameter must never depend on the file, which a later save
-    may truncate or rewrite in place (SIGBUS, or weights that change under the model). ``sd`` is
-    emptied one tensor at a time, so at most one tensor exists twice. Without ``copy`` a tensor is
-    only copied when its dtype or device differs."""
+def _assign(model, sd: dict) -> None:
+    """Load ``sd`` into a meta-built ``model`` by taking its tensors as the parameters (no copy
+    unless dtype/device differ), then restore tied parameters (``assign`` replaces each name's
+    Parameter separately). The tensors never depend on a ``.bin`` file (read without mmap); those
+    of a safetensors file stay on its private mapping, as in transformers' own loads (see the
+    module docstring, "Reading")."""
     import torch
 
     device = torch.empty(0).device  # the default device the normal construction would have used
@@ -499,12 +487,7 @@ def _assign(model, sd: dict, *, copy: bool) -> None:
     for name, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(name)
     expected = model.state_dict(keep_vars=True)
-    own: dict = {}
-    for k in list(sd):
-        v = sd.pop(k)
-        own[k] = v.to(device=device, dtype=expected[k].dtype, copy=copy) if k in expected else v
-        del v
-    sd = own
+    sd = {k: (v.to(device=device, dtype=expected[k].dtype) if k in expected else v) for k, v in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)
     for names in groups.values():
         src = next((n for n in names if n in sd), None)
@@ -528,7 +511,7 @@ def load_pretrained(cls, model_name, config, *inputs, checkpoint_prefix=None, **
 
     config_path, config_json = checkpoint_config(model_name)
     model, on_meta = _build(cls, config, inputs, kwargs)
-    raw, file_backed = read_state_dict(model_name)
+    raw = read_state_dict(model_name)
     raw_keys = list(raw)
     prefix = check_bert_checkpoint(model_name, raw_keys, config=config, config_path=config_path,
                                    config_json=config_json, prefix=checkpoint_prefix, who=_where(model_name, cls),
@@ -546,7 +529,7 @@ def load_pretrained(cls, model_name, config, *inputs, checkpoint_prefix=None, **
         # something keeps the class's own initialisation: build it for real, as flash-attn does
         model, on_meta = cls(config, *inputs, **kwargs), False
     if on_meta:
-        _assign(model, sd, copy=file_backed)
+        _assign(model, sd)
         result = "all parameters from the checkpoint"
     else:
         result = model.load_state_dict(sd, strict=False)

@@ -1,89 +1,31 @@
 """flash-attn's BERT ``from_pretrained`` loads random weights or crashes, depending on the prefix.
 
-The bug
-    ``flash_attn.models.bert.BertPreTrainedModel.from_pretrained(model_name, config)`` builds
-    ``cls(config)``, then ``load_state_dict(remap_state_dict(state_dict_from_pretrained(name),
-    config), strict=False)``. ``remap_state_dict`` only rewrites keys that start with ``bert.`` (it
-    assumes a ``BertForPreTraining`` checkpoint), so:
-
-    * ``BertModel.from_pretrained`` on a ``bert.``-prefixed checkpoint (google-bert/bert-base-uncased)
-      matches no key - ``strict=False`` hides it and the model keeps its random initialisation
-      (different outputs at every load);
-    * a checkpoint saved from a bare ``BertModel`` (no prefix: sentence-transformers models such as
-      all-MiniLM-L6-v2) raises ``KeyError: 'bert.encoder.layers.0.attention.self.query.weight'``
-      for every class.
+Bug
+    ``flash_attn.models.bert.BertPreTrainedModel.from_pretrained`` remaps only ``bert.``-prefixed keys
+    and loads with ``strict=False``: ``BertModel`` from a ``bert.`` checkpoint keeps its random init
+    (silently); a bare-``BertModel`` checkpoint (sentence-transformers) raises ``KeyError: 'bert.encoder
+    .layers.0.attention.self.query.weight'``. flash-attn <= 2.8.3 also unpickles ``.bin`` without
+    ``weights_only=True``.
 
 Affected
-    Every flash-attn release with ``flash_attn/models/bert.py`` that we checked: 2.5.6 through
-    2.8.3.post2 and the 2026-08 HEAD. No fixed release exists (``fixed_in=None``); the probe, not a
-    version range, decides whether the installed code has the bug.
+    Every flash-attn release with ``flash_attn/models/bert.py`` checked (2.5.6 .. 2.8.3.post2, 2026-08
+    HEAD); no fixed release (``fixed_in=None``): the probe decides.
 
 Upstream
-    Dao-AILab/flash-attention#864 ("Bug in loading of pretrained BERT weights", closed without a fix).
-    Upstream's test covers only ``BertForPreTraining.from_pretrained`` on a prefixed checkpoint.
+    Dao-AILab/flash-attention#864 (closed without a fix).
 
 Probe
-    Two tiny BERTs (1 layer, hidden 16) made with transformers' own ``BertModel`` and written as
-    safetensors to a temporary directory, once without and once with the ``bert.`` prefix, are loaded
-    through the installed ``flash_attn.models.bert.BertModel.from_pretrained``. Bug present <=> either
-    load raises the ``KeyError`` or the weights did not arrive (word embeddings / fused QKV differ
-    from the checkpoint). Runs in ~0.1 s, downloads nothing, and leaves the caller's torch RNG state
-    untouched (``torch.random.fork_rng``).
+    A tiny transformers BERT saved as safetensors without and with ``bert.``, loaded into
+    ``BertModel``: bug <=> KeyError or the weights did not arrive. ~0.1 s, torch RNG untouched.
 
-Design
-    * ``BertPreTrainedModel.from_pretrained`` is wrapped with ``ctx.wrap`` (a wrapt FunctionWrapper
-      around the classmethod): it stays a classmethod for every subclass, and its signature
-      ``(model_name, config, *inputs, **kwargs)`` is kept; ``*inputs``/``**kwargs`` still go to
-      ``cls(config, *inputs, **kwargs)``.
-    * Reading reuses flash-attn's own ``state_dict_from_pretrained`` (local directory or hub cache,
-      safetensors, sharded indexes). The one exception: flash-attn <= 2.8.3 calls ``torch.load``
-      without ``weights_only=True`` (2.8.3.post2 passes it). Where the installed function does not
-      pass it and the checkpoint it would read is a ``.bin`` (or a ``.bin`` index), the same files -
-      resolved with transformers' ``cached_file``/``get_checkpoint_shard_files``, as flash-attn does -
-      are read here with ``torch.load(weights_only=True, mmap=True)``. Read failures (a truncated
-      safetensors file, a pickle that is not plain tensors) become ``CheckpointError``.
-    * Alignment: the checkpoint's prefix is found from where ``embeddings.word_embeddings.weight``
-      lives (``""``, ``"bert."`` or anything else); its backbone keys (``embeddings.``, ``encoder.``,
-      ``pooler.``) are moved under ``bert.``, flash-attn's own ``remap_state_dict`` does the real
-      work (QKV fusing, LayerNorm renames, ``gamma``/``beta``, vocab padding, ``last_layer_subset``),
-      and the result is moved to where the target class holds its ``flash_attn`` ``BertModel``
-      (``""`` for ``BertModel`` itself, ``bert.`` for ``BertForPreTraining``, any attribute name for
-      a user subclass). Only dictionaries of the same tensors are built: no extra copy of the weights.
-      With ``pad_vocab_size_multiple > 1`` ``remap_state_dict`` also needs the MLM decoder's weight
-      and bias; a checkpoint without them (a bare ``BertModel``, or transformers' safetensors, which
-      drop the tied decoder weight) gets stand-ins for the call that are dropped again afterwards.
-    * Construction: the class is first built on the meta device (no memory, no random init - the
-      random init is ~90% of upstream's load time). On meta, torch still runs each initialiser's meta
-      kernel (``normal_``/``uniform_`` are Python decompositions there): ~30 ms of a ~40 ms build for
-      all-MiniLM-L6-v2. So the build also enters ``_skip_meta_init()``, a ``TorchFunctionMode`` that
-      returns a *meta* tensor untouched from ``torch.nn.init``'s dispatching initialisers
-      (``uniform_``, ``normal_``, ``constant_``, ``kaiming_uniform_``) and from ``Tensor.normal_``/
-      ``uniform_``/``zero_``/``fill_`` (what ``zeros_``/``ones_`` and flash-attn's ``_init_weights``
-      reach); on meta these compute nothing and consume no RNG, so the model, the outputs and the
-      caller's RNG state are exactly as before. Why not transformers' ``no_init_weights``: it
-      replaces ``torch.nn.init``'s functions module-wide, so a model built in another thread meanwhile
-      would silently keep ``torch.empty`` memory. Torch keeps the function-mode stack per thread, so
-      this mode affects only the building thread, only meta tensors, and is popped on exit or error;
-      nothing global is patched. One difference, where it cannot matter: argument checks inside a
-      skipped initialiser (e.g. ``kaiming_uniform_`` on a 1-d tensor) no longer stop the meta build
-      of a user subclass; such a model is returned only when the checkpoint overwrites every
-      parameter, and otherwise it is rebuilt normally (below), checks included.
-      When the checkpoint supplies every parameter and the class has no buffers to compute
-      (flash-attn's BERT has none without rotary embeddings), the checkpoint's tensors become the
-      parameters (``load_state_dict(assign=True)``, cast to the parameter dtype and the default
-      device; tied parameters are re-tied afterwards): one copy of the weights in memory, not two.
-      Like transformers' own loader, parameters may then stay backed by the private (copy-on-write)
-      mapping of the checkpoint file; writing them never touches the file. When anything keeps its
-      initialisation (a head or pooler the checkpoint lacks) or the meta build fails, the class is
-      built normally and the weights are copied in, as upstream does.
-    * Strict load, alias-aware (a tied decoder weight counts as loaded with the word embeddings):
-      a missing backbone weight, a floating-point checkpoint weight the backbone has no place for
-      (e.g. more layers than ``num_hidden_layers``) or any shape mismatch raises
-      ``hfpatches.errors.CheckpointError`` naming the checkpoint, the class, the first 10 keys of
-      each kind with counts, the shapes, and the likely cause. A missing pooler or task head, and
-      head weights the class does not have, are allowed and listed in one WARNING on the
-      ``hfpatches.flash_attn_bert_prefix`` logger. Non-floating checkpoint buffers
-      (``embeddings.position_ids``) are ignored.
+What changes
+    ``from_pretrained`` (wrapped, signature kept) loads BERT checkpoints with any of '' / ``bert.``
+    into any BERT class through flash-attn's own remap, strictly: a missing or misshaped backbone
+    weight raises ``CheckpointError``; missing heads are one WARNING. Refused with the file, what was
+    found, what was expected and the fix: non-BERT checkpoints (config.json ``model_type``, a
+    ``roberta.``-style prefix, a RoBERTa padding row in the position table), two encoders in one file
+    (choose with ``checkpoint_prefix=``), any other prefix unless chosen. ``.bin`` is read with
+    ``weights_only=True`` and never memory-mapped. Design: docs/patches/flash_attn_bert_prefix.md.
 """
 from __future__ import annotations
 

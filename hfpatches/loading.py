@@ -599,7 +599,7 @@ class LoadReport:
     # -- output ----------------------------------------------------------------------------
     def verdict(self) -> str:
         if not self.ok:
-            parts = ["the checkpoint is another architecture (see 'refused')"] if self.incompatible else []
+            parts = ["the checkpoint is refused for this model (see 'refused')"] if self.incompatible else []
             if self.count("missing-backbone"):
                 parts.append(f"{self.count('missing-backbone')} backbone weights missing (they would stay random)")
             if self.count("shape-mismatch"):
@@ -844,6 +844,7 @@ def _align(model_all: set[str], ck: dict[str, TensorInfo]):
                 continue
         names.setdefault(n, c)
     rules: list[tuple[str, str, int]] = []
+    ties: list[str] = []
     for _ in range(4):
         um = [m for m in model_all if m not in pairs]
         uc = {n: c for n, c in names.items() if c not in taken}
@@ -861,6 +862,10 @@ def _align(model_all: set[str], ck: dict[str, TensorInfo]):
         if not votes:
             break
         (op, p), _cnt = max(votes.items(), key=lambda kv: (kv[1], -len(kv[0][1])))
+        tied = sorted(q for (o, q), n in votes.items() if o == op and n == _cnt and len(q) == len(p))
+        if len(tied) > 1 and not rules:   # two encoders under two prefixes, equally good: do not pick one
+            ties.extend(f"{op}:{q}" for q in tied)
+            break
         got = 0
         for n, c in uc.items():
             target = p + n if op == "add" else (n[len(p):] if n.startswith(p) else None)
@@ -871,7 +876,7 @@ def _align(model_all: set[str], ck: dict[str, TensorInfo]):
         if not got:
             break
         rules.append((op, p, got))
-    return pairs, adapters, rules, taken
+    return pairs, adapters, rules, taken, ties
 
 
 def _model_space(key: str, rules) -> str:
@@ -911,7 +916,16 @@ def explain_load(model, checkpoint) -> LoadReport:
         incompatible = _architecture_problems(model, ck)
         view = _ModelView(model)
     model_all = set(view.keys) | set(view.nonpersistent)
-    pairs, adapters, rules, taken = _align(model_all, ck.tensors)
+    pairs, adapters, rules, taken, ties = _align(model_all, ck.tensors)
+    if ties:
+        names = ", ".join(repr(t.split(":", 1)[1]) for t in ties)
+        strip = ties[0].startswith("strip:")
+        first = ties[0].split(":", 1)[1]
+        how = (f"{{k.removeprefix({first!r}): v for k, v in sd.items() if k.startswith({first!r})}}" if strip
+               else f"{{{first!r} + k: v for k, v in sd.items()}}")
+        incompatible = incompatible + [
+            f"ambiguous: the checkpoint holds the model's weights equally well under {len(ties)} prefixes ({names}: "
+            f"a dual encoder, a student/teacher pair?); refusing to pick one. Choose one and rename, e.g. {how}"]
     entries: list[LoadEntry] = []
     missing = set(model_all) - set(pairs)
     for key in list(view.keys) + list(view.nonpersistent):
@@ -965,8 +979,8 @@ def explain_load(model, checkpoint) -> LoadReport:
             continue
         entries.append(_unexpected_entry(view, c, _model_space(c, rules), (t.shape, t.dtype), dominant))
     found = sum(1 for e in entries if e.model_key in view.keys and e.checkpoint_key)
-    return LoadReport(view.name, described, entries, notes + _notes(view, found, list(ck.tensors)),
-                      incompatible=incompatible)
+    notes += [] if ties else _notes(view, found, list(ck.tensors))
+    return LoadReport(view.name, described, entries, notes, incompatible=incompatible)
 
 
 # ---------------------------------------------------------------------------- architecture

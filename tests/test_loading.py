@@ -532,7 +532,7 @@ def test_roberta_into_bert_is_not_ok(tmp_path, demo, capsys):
     path = tiny_roberta(tmp_path)
     assert main(["inspect", path, "--model", "transformers.BertModel"]) == 1
     out = capsys.readouterr().out
-    assert "verdict: NOT OK: the checkpoint is another architecture" in out
+    assert "verdict: NOT OK: the checkpoint is refused for this model (see 'refused')" in out
     assert f"refused: {os.path.join(path, 'config.json')} says model_type 'roberta'" in out
     assert "BertModel is a 'bert' model" in out and "transformers.AutoModel" in out
     # no config.json beside it (config from elsewhere): the position table's padding row tells
@@ -543,3 +543,25 @@ def test_roberta_into_bert_is_not_ok(tmp_path, demo, capsys):
     # a real BERT is not touched by either check
     r = explain_load(meta(BertModel, demo.tiny_bert_config()), demo.write_checkpoints(str(tmp_path / "b"))["pretraining"])
     assert r.ok and r.incompatible == []
+
+
+def test_two_encoders_are_ambiguous_not_a_pick(demo, tmp_path):
+    """Two BERTs under 'd_encoder.' / 'q_encoder.': inspect used to pick one (the first in sorted
+    order) and call the other one's weights an unexpected head."""
+    import torch
+    from transformers import BertModel
+
+    from hfpatches import explain_load
+
+    sd = {}
+    for seed, name in enumerate(("q_encoder.", "d_encoder.")):
+        torch.manual_seed(seed)
+        sd.update({name + k: v for k, v in BertModel(demo.tiny_bert_config()).state_dict().items()})
+    r = explain_load(meta(BertModel, demo.tiny_bert_config()), sd)
+    assert not r.ok and r.count("prefix-mismatch") == 0
+    (why,) = r.incompatible
+    assert why.startswith("ambiguous:") and "'d_encoder.', 'q_encoder.'" in why and "removeprefix('d_encoder.')" in why
+    # one encoder alone is still an ordinary prefix mismatch with its fix
+    one = {k: v for k, v in sd.items() if k.startswith("q_encoder.")}
+    r = explain_load(meta(BertModel, demo.tiny_bert_config()), one)
+    assert r.ok and r.count("prefix-mismatch") == 39 and r.incompatible == []

@@ -917,7 +917,7 @@ def explain_load(model, checkpoint) -> LoadReport:
         view = _ModelView(model)
     model_all = set(view.keys) | set(view.nonpersistent)
     pairs, adapters, rules, taken, ties = _align(model_all, ck.tensors)
-    if ties:
+    if ties and not incompatible:   # one refusal is enough (a flash-attn class: the patch's own says it)
         names = ", ".join(repr(t.split(":", 1)[1]) for t in ties)
         strip = ties[0].startswith("strip:")
         first = ties[0].split(":", 1)[1]

@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import sys
 
 from .errors import CheckpointError, LoadError
@@ -142,6 +143,9 @@ class Checkpoint:
         self.tensors = tensors
         self.metadata = metadata or {}
         self.shared_bytes = shared_bytes  # bytes of .bin tensors that share storage with another key
+        self.config_path: str | None = None   # the checkpoint's own config.json, when it has one
+        self.config: dict | None = None
+        self.data = None                      # the mapping itself, for a state dict
 
     def describe(self) -> str:
         n = len(self.files)
@@ -158,6 +162,25 @@ def read_checkpoint(checkpoint) -> Checkpoint:
     if hasattr(checkpoint, "items") and not isinstance(checkpoint, (str, bytes, os.PathLike)):
         return _from_state_dict(checkpoint)
     path = os.fspath(checkpoint)
+    ck = _read_path(path)
+    ck.config_path, ck.config = _own_config(path)
+    return ck
+
+
+def _own_config(path: str) -> tuple[str | None, dict | None]:
+    """The checkpoint's config.json (in the directory, or beside the file), parsed; else Nones."""
+    cfg = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), "config.json")
+    try:
+        if not stat.S_ISREG(os.stat(cfg).st_mode):
+            return None, None
+        with open(cfg, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None, None
+    return (cfg, data) if isinstance(data, dict) else (None, None)
+
+
+def _read_path(path: str) -> Checkpoint:
     if os.path.isdir(path):
         found = [n for n in LOOKED_FOR if os.path.isfile(os.path.join(path, n))]
         if not found:
@@ -167,14 +190,39 @@ def read_checkpoint(checkpoint) -> Checkpoint:
             else:
                 what = f"several candidates: {', '.join(loose)}; pass one of them" if loose else \
                     f"looked for {', '.join(LOOKED_FOR)}"
-                raise CheckpointError(f"{path}: no weights found ({what})")
+                via = f" (a symlink to the directory {os.path.realpath(path)})" if os.path.islink(path) else ""
+                raise CheckpointError(f"{path}{via}: no weights found ({what})")
         return _read_file(os.path.join(path, found[0]), source=path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     return _read_file(path, source=path)
 
 
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _check_regular(path: str, what: str = "a weights file") -> None:
+    """Refuse anything that is not a regular file before opening it: reading a FIFO blocks forever,
+    a device never ends, a directory is not "truncated". Symlinks are followed and named."""
+    via = f" (a symlink to {os.path.realpath(path)})" if os.path.islink(path) else ""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file{via or ''}; expected {what}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({_one_line(e)}); expected {what}") from e
+    if stat.S_ISDIR(mode):
+        raise CheckpointError(f"{path}: is a directory{via}, not {what}; pass the directory that holds the "
+                              "weights, or the weights file itself")
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+        raise CheckpointError(f"{path}: is {kind}{via}, not a regular file; expected {what} (hfpatches does not "
+                              "read from pipes or devices: it could block forever). Copy the checkpoint to a file")
+
+
 def _read_file(path: str, source: str) -> Checkpoint:
+    _check_regular(path, "a sharded-checkpoint index" if path.endswith(".json") else "a weights file")
     if path.endswith(".json"):
         return _read_index(path, source)
     if path.endswith(".safetensors"):
@@ -233,7 +281,18 @@ def _read_index(path: str, source: str) -> Checkpoint:
     shards: dict[str, list[str]] = {}
     for key, shard in weight_map.items():
         shards.setdefault(shard, []).append(key)
-    missing = [s for s in shards if not os.path.isfile(os.path.join(base, s))]
+    for shard, keys in shards.items():
+        what = f"{path}: names {shard!r} as the shard of {len(keys)} tensors (e.g. {keys[0]!r})"
+        if not isinstance(shard, str) or os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
+            raise CheckpointError(f"{what}; expected a file name in {base}: a shard outside the checkpoint "
+                                  "directory is refused")
+        if os.path.realpath(os.path.join(base, shard)) == os.path.realpath(path):
+            raise CheckpointError(f"{what}: that is the index itself; expected .safetensors or .bin shards. The "
+                                  "index is corrupt: fetch it again")
+        if not shard.endswith((".safetensors", ".bin")):
+            raise CheckpointError(f"{what}: not a .safetensors or .bin file; expected weight shards. The index is "
+                                  "corrupt: fetch it again")
+    missing = [s for s in shards if not os.path.lexists(os.path.join(base, s))]
     if missing:
         n = sum(len(shards[s]) for s in missing)
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -245,6 +304,7 @@ def _read_index(path: str, source: str) -> Checkpoint:
     safe = all(s.endswith(".safetensors") for s in shards)
     for shard, keys in shards.items():
         file = os.path.join(base, shard)
+        _check_regular(file, f"a shard named by {path}")
         if shard.endswith(".safetensors"):
             got, m = _read_safetensors(file)
             meta = meta or m
@@ -327,7 +387,9 @@ def _from_state_dict(sd) -> Checkpoint:
         if shape is None or dtype is None:
             raise CheckpointError(f"state dict: {key!r} is not a tensor ({type(val).__name__})")
         tensors[str(key)] = TensorInfo(shape, dtype)
-    return Checkpoint("state dict", "state dict", [], tensors)
+    ck = Checkpoint("state dict", "state dict", [], tensors)
+    ck.data = sd
+    return ck
 
 
 # ============================================================================ summary (no model)
@@ -419,7 +481,7 @@ class _ModelView:
     """The keys a load fills (``state_dict``), the non-persistent buffers, which keys are one
     tensor (tied), and which keys belong to a head rather than the backbone."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, base_prefix: str | None = None) -> None:
         self.name = type(model).__name__
         sd = model.state_dict(keep_vars=True)  # the real Parameter objects: identity tells ties
         self.keys = {k: (tuple(v.shape), _dtype_name(v.dtype)) for k, v in sd.items()}
@@ -435,6 +497,8 @@ class _ModelView:
         prefix = getattr(model, "base_model_prefix", "") or ""
         base = getattr(model, prefix, None) if prefix else None
         self.base_prefix = prefix + "." if base is not None and base is not model and hasattr(base, "state_dict") else ""
+        if base_prefix is not None:
+            self.base_prefix = base_prefix
         self.hf_prefix = prefix  # what transformers' from_pretrained adds / strips by itself
         self.config = getattr(model, "config", None)
 
@@ -491,11 +555,12 @@ class LoadReport:
     reason, fix and up to ``SHOW`` keys. ``.ok``, ``.to_json()``, ``.raise_if_bad()``."""
 
     def __init__(self, model: str, checkpoint: str, entries: list[LoadEntry], notes: list[str] | None = None,
-                 source: str = "header") -> None:
+                 source: str = "header", incompatible: list[str] | None = None) -> None:
         self.model = model
         self.checkpoint = checkpoint
         self.entries = entries
         self.notes = notes or []
+        self.incompatible = incompatible or []  # the checkpoint is another architecture: why, and the fix
         self.source = source  # "header": explain_load; "loading_info": from a finished from_pretrained
 
     # -- queries ---------------------------------------------------------------------------
@@ -533,8 +598,8 @@ class LoadReport:
 
     @property
     def ok(self) -> bool:
-        """No backbone weight missing, no shape mismatch."""
-        return not self.problems
+        """The checkpoint is this architecture, no backbone weight missing, no shape mismatch."""
+        return not self.problems and not self.incompatible
 
     def untranslated(self) -> list[LoadEntry]:
         """Keys that ``from_pretrained`` will not map by itself (PEFT names, foreign prefixes)."""
@@ -544,7 +609,7 @@ class LoadReport:
     # -- output ----------------------------------------------------------------------------
     def verdict(self) -> str:
         if not self.ok:
-            parts = []
+            parts = ["the checkpoint is refused for this model (see 'refused')"] if self.incompatible else []
             if self.count("missing-backbone"):
                 parts.append(f"{self.count('missing-backbone')} backbone weights missing (they would stay random)")
             if self.count("shape-mismatch"):
@@ -558,7 +623,7 @@ class LoadReport:
 
     def to_dict(self) -> dict:
         return {"model": self.model, "checkpoint": self.checkpoint, "source": self.source, "ok": self.ok,
-                "verdict": self.verdict(), "counts": self.counts, "notes": self.notes,
+                "verdict": self.verdict(), "incompatible": self.incompatible, "counts": self.counts, "notes": self.notes,
                 "entries": [e.to_dict() for e in self.entries]}
 
     def to_json(self, **kw) -> str:
@@ -574,8 +639,9 @@ class LoadReport:
     def __str__(self) -> str:
         counts = self.counts
         w = max([len("class")] + [len(k) for k in counts])
-        lines = [f"{self.model} <- {self.checkpoint}", f"verdict: {self.verdict()}", "",
-                 f"{'class':<{w}}  {'keys':>6}", f"{'-' * w}  {'-' * 6}"]
+        lines = [f"{self.model} <- {self.checkpoint}", f"verdict: {self.verdict()}"]
+        lines += [f"refused: {why}" for why in self.incompatible]
+        lines += ["", f"{'class':<{w}}  {'keys':>6}", f"{'-' * w}  {'-' * 6}"]
         lines += [f"{k:<{w}}  {n:>6}" for k, n in counts.items()]
         for note in self.notes:
             lines.append(f"note: {note}")
@@ -597,6 +663,7 @@ class LoadReport:
 
     def error_message(self) -> str:
         parts = [f"{self.model} <- {self.checkpoint}: {self.verdict()}."]
+        parts += [f"Refused: {why}" for why in self.incompatible]
         miss = self.by_kind("missing-backbone")
         if miss:
             keys = ", ".join(e.model_key for e in miss[:SHOW]) + (f" (+{len(miss) - SHOW} more)" if len(miss) > SHOW else "")
@@ -787,6 +854,7 @@ def _align(model_all: set[str], ck: dict[str, TensorInfo]):
                 continue
         names.setdefault(n, c)
     rules: list[tuple[str, str, int]] = []
+    ties: list[str] = []
     for _ in range(4):
         um = [m for m in model_all if m not in pairs]
         uc = {n: c for n, c in names.items() if c not in taken}
@@ -804,6 +872,10 @@ def _align(model_all: set[str], ck: dict[str, TensorInfo]):
         if not votes:
             break
         (op, p), _cnt = max(votes.items(), key=lambda kv: (kv[1], -len(kv[0][1])))
+        tied = sorted(q for (o, q), n in votes.items() if o == op and n == _cnt and len(q) == len(p))
+        if len(tied) > 1 and not rules:   # two encoders under two prefixes, equally good: do not pick one
+            ties.extend(f"{op}:{q}" for q in tied)
+            break
         got = 0
         for n, c in uc.items():
             target = p + n if op == "add" else (n[len(p):] if n.startswith(p) else None)
@@ -814,7 +886,7 @@ def _align(model_all: set[str], ck: dict[str, TensorInfo]):
         if not got:
             break
         rules.append((op, p, got))
-    return pairs, adapters, rules, taken
+    return pairs, adapters, rules, taken, ties
 
 
 def _model_space(key: str, rules) -> str:
@@ -844,9 +916,26 @@ def explain_load(model, checkpoint) -> LoadReport:
     dict. Safetensors are read header-only; ``.bin`` only with ``torch.load(weights_only=True)``.
     """
     ck = read_checkpoint(checkpoint)
-    view = _ModelView(model)
+    described = ck.describe()
+    notes: list[str] = []
+    if _is_flash_bert(type(model)):
+        ck, incompatible, base, note = _flash_bert_view(model, ck)
+        view = _ModelView(model, base_prefix=base)
+        notes += [note] if note else []
+    else:
+        incompatible = _architecture_problems(model, ck)
+        view = _ModelView(model)
     model_all = set(view.keys) | set(view.nonpersistent)
-    pairs, adapters, rules, taken = _align(model_all, ck.tensors)
+    pairs, adapters, rules, taken, ties = _align(model_all, ck.tensors)
+    if ties and not incompatible:   # one refusal is enough (a flash-attn class: the patch's own says it)
+        names = ", ".join(repr(t.split(":", 1)[1]) for t in ties)
+        strip = ties[0].startswith("strip:")
+        first = ties[0].split(":", 1)[1]
+        how = (f"{{k.removeprefix({first!r}): v for k, v in sd.items() if k.startswith({first!r})}}" if strip
+               else f"{{{first!r} + k: v for k, v in sd.items()}}")
+        incompatible = incompatible + [
+            f"ambiguous: the checkpoint holds the model's weights equally well under {len(ties)} prefixes ({names}: "
+            f"a dual encoder, a student/teacher pair?); refusing to pick one. Choose one and rename, e.g. {how}"]
     entries: list[LoadEntry] = []
     missing = set(model_all) - set(pairs)
     for key in list(view.keys) + list(view.nonpersistent):
@@ -900,7 +989,114 @@ def explain_load(model, checkpoint) -> LoadReport:
             continue
         entries.append(_unexpected_entry(view, c, _model_space(c, rules), (t.shape, t.dtype), dominant))
     found = sum(1 for e in entries if e.model_key in view.keys and e.checkpoint_key)
-    return LoadReport(view.name, ck.describe(), entries, _notes(view, found, list(ck.tensors)))
+    notes += [] if ties else _notes(view, found, list(ck.tensors))
+    return LoadReport(view.name, described, entries, notes, incompatible=incompatible)
+
+
+# ---------------------------------------------------------------------------- architecture
+POSITIONS = "embeddings.position_embeddings.weight"
+# model types whose weights and forward are the same architecture under another name
+_SAME_ARCHITECTURE = ({"roberta", "xlm-roberta", "camembert"},)
+
+
+def _model_type_of(model) -> str | None:
+    """The model type the class is written for (its config class's, not the instance's: a
+    ``BertConfig.from_pretrained`` of a RoBERTa directory keeps ``model_type='roberta'``)."""
+    for owner in (getattr(type(model), "config_class", None), type(getattr(model, "config", None))):
+        mt = getattr(owner, "model_type", None)
+        if isinstance(mt, str) and mt:
+            return mt
+    return None
+
+
+def _same_architecture(a: str, b: str) -> bool:
+    return a == b or any(a in group and b in group for group in _SAME_ARCHITECTURE)
+
+
+def _first_rows(ck: Checkpoint, key: str, n: int):
+    """The first ``n`` rows of one checkpoint tensor (a few hundred bytes read), or None."""
+    t = ck.tensors.get(key)
+    if t is None:
+        return None
+    try:
+        if ck.data is not None:
+            return ck.data[key][:n]
+        if t.file and t.file.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(t.file, framework="pt") as f:
+                return f.get_slice(key)[:n]
+        if t.file:
+            import zipfile
+
+            import torch
+
+            obj = torch.load(t.file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(t.file))
+            return obj[key][:n].clone()
+    except Exception:  # noqa: BLE001 - only a check; unreadable files were refused when reading
+        return None
+    return None
+
+
+def _zero_row(rows) -> int | None:
+    if rows is None or getattr(rows, "ndim", 0) != 2 or getattr(rows, "is_meta", False):
+        return None
+    zero = (rows == 0).all(dim=1)
+    return int(zero.nonzero()[0, 0]) if bool(zero.any()) else None
+
+
+def _architecture_problems(model, ck: Checkpoint) -> list[str]:
+    """Is the checkpoint the model's architecture? From its own config.json's ``model_type`` and,
+    for BERT (positions counted from 0), its position table: RoBERTa-style embeddings keep an
+    all-zero padding row and count positions from padding_idx + 1."""
+    out = []
+    want, cfg = _model_type_of(model), ck.config or {}
+    have = cfg.get("model_type")
+    name = type(model).__name__
+    if want and isinstance(have, str) and have and not _same_architecture(have, want):
+        arch = f" (architectures {cfg['architectures']})" if cfg.get("architectures") else ""
+        out.append(f"{ck.config_path} says model_type {have!r}{arch}; {name} is a {want!r} model, so the weights "
+                   f"would run in another architecture (transformers' from_pretrained only warns \"You are using a "
+                   f"model of type {have} to instantiate a model of type {want}\") and compute other outputs. Load "
+                   f"it with its own class (transformers.AutoModel / AutoModelFor...)")
+    if want == "bert" and not out:
+        for key in sorted(k for k in ck.tensors if k == POSITIONS or k.endswith("." + POSITIONS)):
+            row = _zero_row(_first_rows(ck, key, 4))
+            if row is not None:
+                out.append(f"row {row} of {key} is all zeros, the padding row of RoBERTa-style embeddings, which "
+                           f"count positions from padding_idx + 1 = {row + 1}; {name} counts positions from 0, "
+                           "so the outputs would differ. Load it with its own class (transformers.AutoModel, "
+                           "RobertaModel / XLMRobertaModel)")
+                break
+    return out
+
+
+def _flash_bert_view(model, ck: Checkpoint):
+    """A flash-attn BERT class: the checkpoint as the ``flash_attn_bert_prefix`` patch's
+    ``from_pretrained`` would see it. Its own architecture check (so ``inspect`` says what the load
+    says), then its key mapping on meta tensors (QKV fused, LayerNorms renamed). Returns
+    (checkpoint to align, refusals, where the backbone is, a note)."""
+    import torch
+
+    from .patches import flash_attn_bert_prefix as fp
+
+    who = (ck.source, type(model))
+    keys = list(ck.tensors)
+    try:
+        prefix = fp.check_bert_checkpoint(ck.source, keys, config=getattr(model, "config", None),
+                                          config_path=ck.config_path, config_json=ck.config,
+                                          positions=lambda key: _first_rows(ck, key, fp.POSITION_ROWS),
+                                          who=fp._where(*who))
+        meta = {k: torch.empty(t.shape, dtype=getattr(torch, t.dtype), device="meta") for k, t in ck.tensors.items()}
+        sd, target = fp.remap_checkpoint([meta], prefix, model.config, model, raw_keys=keys, who=who)
+    except CheckpointError as e:
+        return ck, [_one_line(e)], None, None
+    mapped = Checkpoint(ck.source, ck.format, ck.files, {k: TensorInfo(v.shape, v.dtype) for k, v in sd.items()},
+                        ck.metadata, ck.shared_bytes)
+    note = (f"flash-attn BERT class: keys as hfpatches' flash_attn_bert_prefix from_pretrained maps them "
+            f"(checkpoint prefix {prefix!r} -> model prefix {target!r}, Q/K/V fused); unpatched flash-attn raises "
+            "KeyError or keeps random weights instead")
+    return mapped, [], target, note
 
 
 def _notes(view: _ModelView, found: int, ckpt_keys: list[str]) -> list[str]:
@@ -941,11 +1137,16 @@ def build_meta_model(class_path: str, config_dir: str):
     except (ImportError, AttributeError) as e:
         raise _UsageError(f"--model {class_path}: cannot import it ({_one_line(e)}); give a dotted class name "
                           "such as transformers.BertModel") from e
+    if not _is_model_class(cls):
+        raise _UsageError(f"--model {class_path}: is {_describe(cls)}, not a model class; expected a torch.nn.Module "
+                          "subclass or a transformers Auto class, such as transformers.BertModel (nothing was called)")
     if not os.path.isfile(os.path.join(config_dir, "config.json")):
         raise _UsageError(f"{config_dir}: no config.json to build {cls_name} from; pass --config DIR")
     from transformers import AutoConfig
 
     cfg_cls = getattr(cls, "config_class", None)
+    if _is_flash_bert(cls):   # flash-attn's BERT classes take a transformers BertConfig (and check it)
+        from transformers import BertConfig as cfg_cls
     try:
         if cfg_cls is not None and hasattr(cfg_cls, "from_pretrained") and getattr(cfg_cls, "model_type", ""):
             config = cfg_cls.from_pretrained(config_dir)   # what cls.from_pretrained would use
@@ -953,10 +1154,40 @@ def build_meta_model(class_path: str, config_dir: str):
             config = AutoConfig.from_pretrained(config_dir)
     except Exception as e:
         raise _UsageError(f"{os.path.join(config_dir, 'config.json')}: cannot build a config ({_one_line(e)})") from e
+    if _is_flash_bert(cls) and getattr(config, "position_embedding_type", None) is None:
+        config.position_embedding_type = "absolute"   # transformers 5 dropped the field (BERT is absolute only)
     with torch.device("meta"):
         if hasattr(cls, "from_config") and not hasattr(cls, "base_model_prefix"):  # Auto* classes
             return cls.from_config(config)
         return cls(config)
+
+
+def _is_model_class(obj) -> bool:
+    """An ``nn.Module`` subclass, or a transformers Auto class (``AutoModel``...): the only things
+    ``--model`` may name. Anything else (``os.system``) is never called."""
+    if not isinstance(obj, type):
+        return False
+    import torch
+
+    if issubclass(obj, torch.nn.Module):
+        return True
+    try:
+        from transformers.models.auto.auto_factory import _BaseAutoModelClass
+    except ImportError:  # pragma: no cover - transformers moved it
+        return False
+    return issubclass(obj, _BaseAutoModelClass)
+
+
+def _describe(obj) -> str:
+    kind = type(obj).__name__
+    return f"a {kind}" if not isinstance(obj, type) else f"the class {obj.__module__}.{obj.__qualname__}"
+
+
+def _is_flash_bert(cls) -> bool:
+    """One of flash-attn's BERT classes (or a subclass): loads go through ``flash_attn_bert_prefix``."""
+    fb = sys.modules.get("flash_attn.models.bert")
+    base = getattr(fb, "BertPreTrainedModel", None) if fb is not None else None
+    return isinstance(cls, type) and base is not None and issubclass(cls, base)
 
 
 def _config_dir(checkpoint: str) -> str:

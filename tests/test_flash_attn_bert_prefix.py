@@ -252,8 +252,15 @@ def test_other_architecture_is_a_clear_error(fb, demo, data, tmp_path):
     with hfpatches.patched(PID), pytest.raises(CheckpointError) as ei:
         fb.BertModel.from_pretrained(path, cfg(demo, data))
     msg = str(ei.value)
-    for part in ("BertModel.from_pretrained", path, "not a BERT checkpoint", "LlamaForCausalLM",
-                 "embeddings.word_embeddings.weight", "model.embed_tokens.weight", "unexpected checkpoint weights"):
+    for part in ("BertModel.from_pretrained", os.path.join(path, "config.json"), "not a BERT checkpoint",
+                 "model_type 'llama'", "LlamaForCausalLM", "expected model_type 'bert'", "AutoModel.from_pretrained"):
+        assert part in msg, (part, msg)
+    os.remove(os.path.join(path, "config.json"))      # judged by its keys alone
+    with hfpatches.patched(PID), pytest.raises(CheckpointError) as ei:
+        fb.BertModel.from_pretrained(path, cfg(demo, data))
+    msg = str(ei.value)
+    for part in ("not a BERT checkpoint", "no 'embeddings.word_embeddings.weight' under any prefix", "model.",
+                 "AutoModel.from_pretrained"):
         assert part in msg, (part, msg)
 
 
@@ -295,6 +302,10 @@ def test_layer_count_mismatch_is_a_clear_error(fb, demo, data):
             fb.BertForPreTraining.from_pretrained(data["pre"], cfg(demo, data, num_hidden_layers=4))
     assert "encoder.layer.6.attention.self.query.weight" in str(more.value)
     assert "the checkpoint has 6 encoder layers, config.num_hidden_layers is 8" in str(more.value)
+    # two whole layers are missing: all 2 x 16 of their weights, not only the 2 x 6 of Q/K/V
+    assert "missing backbone weights (32): " in str(more.value) and "(+22 more)" in str(more.value)
+    assert "encoder.layer.6.attention.output.LayerNorm.bias" in str(more.value)
+    assert "layers missing entirely: 6, 7" in str(more.value)
     m = str(less.value)
     assert "unexpected checkpoint weights (" in m and "bert.encoder.layers.4." in m and "(+" in m  # first 10 + count
     assert "the checkpoint has 6 encoder layers, config.num_hidden_layers is 4" in m
@@ -486,3 +497,332 @@ def test_initialiser_skipping_is_thread_local_and_meta_only(fb):
     with pytest.raises(ValueError), torch.device("meta"), _skip_meta_init():
         raise ValueError("boom")
     assert torch.equal(reference()[0].weight, ref[0].weight)
+
+
+# ----------------------------------------------------------------------------- foreign and ambiguous checkpoints
+def tiny_config_kw(hidden=32, layers=2, positions=32):
+    return dict(vocab_size=64, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                intermediate_size=2 * hidden, max_position_embeddings=positions)
+
+
+def flash_bert_config(demo, positions=32, **over):
+    """A flash-attn BertConfig with the tiny checkpoints' sizes (what a user would write by hand)."""
+    import transformers
+
+    c = transformers.BertConfig(**tiny_config_kw(positions=positions), position_embedding_type="absolute")
+    for k, v in {**demo.FLASH_OFF, **over}.items():
+        setattr(c, k, v)
+    return c
+
+
+def save_as(model, d: str, fmt: str, *, config=True) -> str:
+    """``model`` saved with transformers (safetensors) or as ``pytorch_model.bin`` (a plain state dict
+    with ``torch.save``, the format flash-attn reads first); ``config=False`` leaves out config.json."""
+    import torch
+
+    os.makedirs(d, exist_ok=True)
+    if fmt == "safetensors":
+        model.save_pretrained(d, safe_serialization=True)
+    else:
+        model.config.save_pretrained(d)
+        torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(d, "pytorch_model.bin"))
+    if not config:
+        os.remove(os.path.join(d, "config.json"))
+    return d
+
+
+ROBERTA_SIZES = dict(positions=34, type_vocab_size=1)  # a config matching the checkpoint: old patch loaded it
+ROBERTA_KINDS = {
+    # name: (transformers class, config class, saved key prefix)
+    "roberta-mlm": ("RobertaForMaskedLM", "RobertaConfig", "roberta."),
+    "xlmr-bare": ("XLMRobertaModel", "XLMRobertaConfig", ""),
+}
+
+
+def roberta_checkpoint(tmp, kind: str, fmt: str, *, config=True):
+    """A tiny random RoBERTa-family checkpoint: RoBERTa with its MLM head (keys under ``roberta.``)
+    or a bare XLM-R (unprefixed keys, laid out exactly like a BERT's). Returns (dir, hf model)."""
+    import torch
+    import transformers
+
+    cls_name, cfg_name, _ = ROBERTA_KINDS[kind]
+    c = getattr(transformers, cfg_name)(**tiny_config_kw(positions=34), type_vocab_size=1)
+    torch.manual_seed(2)
+    model = getattr(transformers, cls_name)(c).eval()
+    return save_as(model, os.path.join(str(tmp), f"{kind}-{fmt}-{int(config)}"), fmt, config=config), model
+
+
+def _hf_hidden(model, ids):
+    import torch
+
+    base = getattr(model, "roberta", model)
+    with torch.no_grad():
+        return base(ids).last_hidden_state
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("kind", list(ROBERTA_KINDS))
+def test_roberta_family_is_refused(fb, demo, tmp_path, kind, fmt):
+    """Unpatched flash-attn raises KeyError on these; the patch used to load them silently (outputs
+    off by ~2 from transformers'); now it refuses, naming the file, model_type and the fix."""
+    import torch
+
+    path, hf = roberta_checkpoint(tmp_path, kind, fmt)
+    sizes = ROBERTA_SIZES
+    with pytest.raises(KeyError, match=r"bert\.encoder\.layers\.0\.attention\.self\.query\.weight"):
+        fb.BertModel.from_pretrained(path, flash_bert_config(demo, **sizes))                 # upstream
+    # what the patch must not do: the same weights through BertModel are another function
+    ids = torch.tensor([[0, 5, 6, 7, 9, 2]])
+    ck = {k[len(ROBERTA_KINDS[kind][2]):]: v for k, v in hf.state_dict().items() if k.startswith(ROBERTA_KINDS[kind][2])}
+    forced = fb.BertModel(flash_bert_config(demo, **sizes))
+    forced.load_state_dict(fb.remap_state_dict({"bert." + k: v for k, v in ck.items()
+                                                if k.startswith(("embeddings.", "encoder."))}, forced.config),
+                           strict=False)
+    gap = (demo.flash_hidden(forced.eval(), {"input_ids": ids, "token_type_ids": torch.zeros_like(ids),
+                                             "attention_mask": torch.ones_like(ids)}) - _hf_hidden(hf, ids)).abs().max()
+    assert gap > 0.5, f"a RoBERTa through BertModel should compute something else (max |delta| {gap})"
+    with hfpatches.patched(PID):
+        for cls in (fb.BertModel, fb.BertForPreTraining):
+            with pytest.raises(CheckpointError) as ei:
+                cls.from_pretrained(path, flash_bert_config(demo, **sizes))
+            msg = str(ei.value)
+            for part in (f"{cls.__name__}.from_pretrained", os.path.join(path, "config.json"), "model_type",
+                         "expected model_type 'bert'", "padding_idx + 1", "AutoModel.from_pretrained"):
+                assert part in msg, (part, msg)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("kind", list(ROBERTA_KINDS))
+def test_roberta_family_without_config_json_is_refused_by_its_layout(fb, demo, tmp_path, kind, fmt):
+    """No config.json to read: the prefix (``roberta.``) or the position table (RoBERTa's padding row
+    is all zeros: positions start at padding_idx + 1) still tells."""
+    path, _ = roberta_checkpoint(tmp_path, kind, fmt, config=False)
+    sizes = ROBERTA_SIZES
+    with pytest.raises(KeyError):
+        fb.BertModel.from_pretrained(path, flash_bert_config(demo, **sizes))
+    with hfpatches.patched(PID), pytest.raises(CheckpointError) as ei:
+        fb.BertModel.from_pretrained(path, flash_bert_config(demo, **sizes))
+    msg = str(ei.value)
+    if ROBERTA_KINDS[kind][2]:
+        assert "sits under 'roberta.', the prefix of RoBERTa / XLM-R / CamemBERT models" in msg, msg
+    else:
+        assert "row 1 of embeddings.position_embeddings.weight is all zeros" in msg, msg
+        assert "padding_idx + 1 = 2" in msg and "expected BERT's positions counted from 0" in msg
+
+
+def dual_encoder(tmp, fmt="safetensors", names=("q_encoder.", "d_encoder.")):
+    """Two tiny transformers BERTs (different seeds) under two prefixes in one file."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    c = transformers.BertConfig(**tiny_config_kw(), position_embedding_type="absolute")
+    sd, parts = {}, {}
+    for seed, name in enumerate(names):
+        torch.manual_seed(10 + seed)
+        part = {k: v.contiguous() for k, v in transformers.BertModel(c).state_dict().items()}
+        parts[name] = part
+        sd.update({name + k: v for k, v in part.items()})
+    d = os.path.join(str(tmp), f"dual-{fmt}")
+    os.makedirs(d, exist_ok=True)
+    if fmt == "safetensors":
+        save_file(sd, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        torch.save(sd, os.path.join(d, "pytorch_model.bin"))
+    return d, parts
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_two_encoders_are_refused_as_ambiguous_and_chosen_explicitly(fb, demo, tmp_path, fmt):
+    import torch
+
+    path, parts = dual_encoder(tmp_path, fmt)
+    with pytest.raises(KeyError):
+        fb.BertModel.from_pretrained(path, flash_bert_config(demo))                 # upstream
+    with hfpatches.patched(PID):
+        with pytest.raises(CheckpointError) as ei:
+            fb.BertModel.from_pretrained(path, flash_bert_config(demo))
+        msg = str(ei.value)
+        for part in (path, "ambiguous", "'d_encoder.', 'q_encoder.'", "checkpoint_prefix='d_encoder.'"):
+            assert part in msg, (part, msg)
+        for name in ("q_encoder.", "d_encoder"):      # with or without the trailing dot
+            m = fb.BertModel.from_pretrained(path, flash_bert_config(demo), checkpoint_prefix=name)
+            want = parts[name.rstrip(".") + "."]["embeddings.word_embeddings.weight"]
+            assert torch.equal(m.embeddings.word_embeddings.weight, want)
+        with pytest.raises(CheckpointError, match=r"checkpoint_prefix='bert\.' holds no"):
+            fb.BertModel.from_pretrained(path, flash_bert_config(demo), checkpoint_prefix="bert.")
+
+
+def test_a_single_foreign_prefix_needs_an_explicit_choice(fb, demo, tmp_path):
+    import torch
+
+    path, parts = dual_encoder(tmp_path, names=("backbone.",))
+    with hfpatches.patched(PID):
+        with pytest.raises(CheckpointError, match=r"sits under 'backbone\.'.*checkpoint_prefix='backbone\.'"):
+            fb.BertModel.from_pretrained(path, flash_bert_config(demo))
+        m = fb.BertModel.from_pretrained(path, flash_bert_config(demo), checkpoint_prefix="backbone.")
+    assert torch.equal(m.embeddings.word_embeddings.weight, parts["backbone."]["embeddings.word_embeddings.weight"])
+
+
+DETERMINISM = r"""
+import hashlib, sys
+sys.path.insert(0, {tests!r})
+from _stubs import install_flash_attn_cpu_stubs
+install_flash_attn_cpu_stubs()
+import flash_attn.models.bert as fb
+import transformers
+import hfpatches
+c = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=32, position_embedding_type="absolute")
+for k in ("use_flash_attn", "fused_bias_fc", "fused_mlp", "fused_dropout_add_ln"):
+    setattr(c, k, False)
+hfpatches.apply(only=["flash_attn_bert_prefix"])
+try:
+    m = fb.BertModel.from_pretrained({path!r}, c)
+    print("LOADED", hashlib.sha256(m.embeddings.word_embeddings.weight.detach().numpy().tobytes()).hexdigest())
+except Exception as e:
+    print("REFUSED", type(e).__name__, str(e).replace(chr(10), " "))
+"""
+
+
+def test_ambiguous_load_is_the_same_in_every_process(fb, tmp_path, py):
+    """Before: the prefix was the shortest of a *set*, so two same-length prefixes were ordered by
+    string hashing, i.e. by PYTHONHASHSEED (seeds 1 and 2 picked different encoders). Now every
+    process refuses, with the same message."""
+    path, _ = dual_encoder(tmp_path)
+    code = DETERMINISM.format(tests=os.path.dirname(os.path.abspath(__file__)), path=path)
+    outs = []
+    for seed in ("1", "2"):
+        proc = py(code, env={"PYTHONHASHSEED": seed})
+        outs.append(proc.stdout.strip().splitlines()[-1])
+    assert outs[0] == outs[1], outs
+    assert outs[0].startswith("REFUSED CheckpointError") and "ambiguous" in outs[0], outs[0]
+
+
+# ----------------------------------------------------------------------------- parameters never depend on the file
+SAVE_OVER = r"""
+import hashlib, os, sys
+sys.path.insert(0, {tests!r})
+from _stubs import install_flash_attn_cpu_stubs
+install_flash_attn_cpu_stubs()
+import torch
+import flash_attn.models.bert as fb
+import transformers
+import hfpatches
+from hfpatches.patches import flash_attn_bert_prefix as mod
+if {force_reader}:
+    mod._upstream_bin_is_safe = lambda fn: False      # the patch's own .bin reader, on both stacks
+c = transformers.BertConfig.from_pretrained({path!r})
+for k in ("use_flash_attn", "fused_bias_fc", "fused_mlp", "fused_dropout_add_ln"):
+    setattr(c, k, False)
+c.position_embedding_type = "absolute"
+hfpatches.apply(only=["flash_attn_bert_prefix"])
+m = fb.BertModel.from_pretrained({path!r}, c)
+want = {{k: v.detach().clone() for k, v in m.state_dict().items()}}
+f = os.path.join({path!r}, {name!r})
+if f.endswith(".bin"):
+    torch.save(m.state_dict(), f)                 # over the very file the model was loaded from
+    back = torch.load(f, weights_only=True)
+else:
+    from safetensors.torch import load_file, save_file
+    save_file({{k: v.contiguous() for k, v in m.state_dict().items()}}, f)   # replaces the file: a new inode
+    back = load_file(f)
+got = {{k: v for k, v in m.state_dict().items()}}
+print("SAME", all(torch.equal(want[k], got[k]) for k in want))
+print("FILE", all(torch.equal(want[k], back[k]) for k in want))
+"""
+
+
+@pytest.mark.parametrize("fmt,force", [("bin", True), ("bin", False), ("safetensors", False)],
+                         ids=["bin-own-reader", "bin-installed-reader", "safetensors"])
+def test_saving_over_the_loaded_checkpoint(fb, tmp_path, py, fmt, force):
+    """flash-attn 2.8.3 (the patch's own .bin reader used mmap and kept the mapped tensors as the
+    parameters): torch.save over the loaded .bin truncated the file under the model -> SIGBUS, file
+    destroyed. Now .bin tensors are never mapped: the save works, the file holds the weights, the
+    model is unchanged. Safetensors stay on the file's private mapping (as in transformers' own
+    loads): safe for safetensors' writer, which replaces the file instead of rewriting it in place.
+    Run in a subprocess: SIGBUS kills the process."""
+    import transformers
+
+    path, _ = tiny_bert(tmp_path, prefixed=False, name=f"save-over-{fmt}")
+    if fmt == "bin":
+        import torch
+        from safetensors.torch import load_file
+
+        sd = load_file(os.path.join(path, "model.safetensors"))
+        os.remove(os.path.join(path, "model.safetensors"))
+        torch.save(sd, os.path.join(path, "pytorch_model.bin"))
+    name = "pytorch_model.bin" if fmt == "bin" else "model.safetensors"
+    assert transformers.BertConfig.from_pretrained(path).num_hidden_layers == 2
+    code = SAVE_OVER.format(tests=os.path.dirname(os.path.abspath(__file__)), path=path, name=name, force_reader=force)
+    proc = py(code, check=False)
+    assert proc.returncode == 0, f"rc={proc.returncode} (-7 is SIGBUS)\n{proc.stderr[-2000:]}"
+    assert "SAME True" in proc.stdout and "FILE True" in proc.stdout, proc.stdout
+
+
+def test_a_missing_middle_layer_is_counted_whole(fb, demo, data, tmp_path):
+    """A partial checkpoint (layer 3 gone, e.g. a lost shard): every weight of the layer is named."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "partial"
+    d.mkdir()
+    sd = load_file(os.path.join(data["src"], "model.safetensors"))
+    gone = sorted(k for k in sd if k.startswith("encoder.layer.3."))
+    assert len(gone) == 16
+    save_file({k: v for k, v in sd.items() if k not in gone}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text(open(os.path.join(data["src"], "config.json")).read())
+    with pytest.raises(KeyError):
+        fb.BertModel.from_pretrained(str(d), cfg(demo, data))                  # upstream
+    with hfpatches.patched(PID), pytest.raises(CheckpointError) as ei:
+        fb.BertModel.from_pretrained(str(d), cfg(demo, data))
+    msg = str(ei.value)
+    assert "missing backbone weights (16): encoder.layer.3.attention.self.query.weight" in msg, msg
+    assert "(+6 more)" in msg and "layers missing entirely: 3" in msg and "partial" in msg, msg
+
+
+# ----------------------------------------------------------------------------- inspect says what the load does
+def inspect_flash(path: str, cls_name: str, config_dir: str | None = None):
+    """``python -m hfpatches inspect PATH --model flash_attn.models.bert.CLS --json`` -> (rc, report)."""
+    import contextlib
+    import io
+
+    from hfpatches.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    args = ["inspect", path, "--model", f"flash_attn.models.bert.{cls_name}", "--json"]
+    args += ["--config", config_dir] if config_dir else []
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(args)
+    return rc, (json.loads(out.getvalue()) if out.getvalue() else err.getvalue())
+
+
+def test_inspect_refuses_what_the_load_refuses(fb, demo, tmp_path):
+    cases = {
+        "roberta (config.json)": (roberta_checkpoint(tmp_path, "roberta-mlm", "safetensors")[0], None, ROBERTA_SIZES),
+        "xlm-r (no config.json)": (roberta_checkpoint(tmp_path, "xlmr-bare", "bin", config=False)[0], "cfg", ROBERTA_SIZES),
+        "dual encoder": (dual_encoder(tmp_path)[0], "cfg", {}),
+    }
+    cfg_dir = str(tmp_path / "bert-config")
+    for name, (path, config_dir, sizes) in cases.items():
+        c = flash_bert_config(demo, **sizes)
+        if config_dir:        # a BERT config with the checkpoint's sizes, elsewhere (as a user would pass it)
+            c.save_pretrained(cfg_dir)
+        for cls_name in ("BertModel", "BertForPreTraining"):
+            cls = getattr(fb, cls_name)
+            with hfpatches.patched(PID), pytest.raises(CheckpointError) as ei:
+                cls.from_pretrained(path, c)
+            rc, rep = inspect_flash(path, cls_name, cfg_dir if config_dir else None)
+            assert rc == 1 and rep["ok"] is False, (name, rep)
+            assert rep["incompatible"] == [" ".join(str(ei.value).split())], (name, rep["incompatible"], str(ei.value))
+
+
+def test_inspect_maps_keys_like_the_patched_load(fb, demo, data):
+    """A good checkpoint: inspect used to call all of flash-attn's fused/renamed weights missing
+    (74 of them, NOT OK); it now maps them as the patched load does."""
+    for path, cls_name in ((data["src"], "BertModel"), (data["pre"], "BertModel"), (data["src"], "BertForPreTraining")):
+        rc, rep = inspect_flash(path, cls_name)
+        assert rc == 0 and rep["ok"] is True, (path, cls_name, rep if isinstance(rep, str) else rep["verdict"])
+        assert rep["counts"].get("missing-backbone", 0) == 0 and rep["counts"]["matched"] >= 70
+        assert any("flash_attn_bert_prefix" in n for n in rep["notes"])
+    rc, rep = inspect_flash(data["src"], "BertForPreTraining")
+    assert {e["model_key"] for e in rep["entries"] if e["kind"] == "missing-new-head"} >= {"cls.seq_relationship.weight"}

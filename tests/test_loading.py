@@ -435,3 +435,133 @@ def test_state_dict_with_non_tensor_is_refused():
 
     with pytest.raises(CheckpointError, match=re.escape("'epoch' is not a tensor (int)")):
         read_checkpoint({"w": __import__("torch").zeros(1), "epoch": 3})
+
+
+# ----------------------------------------------------------------------------- non-regular files, odd indexes, --model
+def test_fifo_named_safetensors_is_refused_not_read(tmp_path, py):
+    """Opening a FIFO blocks until a writer comes: inspect used to hang forever. Subprocess with a
+    timeout, so the old behaviour fails the test instead of hanging it."""
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    for target in (str(fifo), str(tmp_path)):          # the file itself, and a directory holding it
+        code = f"import sys; from hfpatches.__main__ import main; sys.exit(main(['inspect', {target!r}]))"
+        proc = py(code, check=False, timeout=60)
+        assert proc.returncode == 2, proc
+        err = proc.stderr.strip().splitlines()
+        assert len(err) == 1 and f"{fifo}: is a FIFO (named pipe), not a regular file" in err[0], err
+
+
+def test_symlink_to_a_directory_is_named_not_called_truncated(tmp_path, capsys):
+    from hfpatches.__main__ import main
+
+    (tmp_path / "real").mkdir()
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    os.symlink(tmp_path / "real", ck / "weights.safetensors")
+    assert main(["inspect", str(ck)]) == 2
+    err = capsys.readouterr().err
+    assert f"{ck / 'weights.safetensors'}: is a directory (a symlink to {tmp_path / 'real'})" in err, err
+    assert "truncated" not in err
+    # the same link passed directly is a directory: said so, with where it points
+    assert main(["inspect", str(ck / "weights.safetensors")]) == 2
+    assert f"(a symlink to the directory {tmp_path / 'real'}): no weights found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shard,words", [
+    ("model.safetensors.index.json", "that is the index itself"),
+    ("config.json", "not a .safetensors or .bin file"),
+    ("../outside.safetensors", "outside the checkpoint directory is refused"),
+])
+def test_index_with_a_bad_shard_name(tmp_path, capsys, shard, words):
+    from hfpatches.__main__ import main
+
+    (tmp_path / "config.json").write_text("{}")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"embeddings.word_embeddings.weight": shard}}))
+    with pytest.raises(CheckpointError) as ei:
+        from hfpatches.loading import read_checkpoint
+
+        read_checkpoint(str(tmp_path))
+    msg = str(ei.value)
+    assert str(index) in msg and repr(shard) in msg and words in msg, msg
+    assert "torch" not in msg.lower() or "weights_only" not in msg
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_model_must_be_a_model_class(ckpts, capsys, monkeypatch):
+    """``--model os.system`` used to call ``os.system(config)``."""
+    from hfpatches.__main__ import main
+
+    calls = []
+    monkeypatch.setattr(os, "system", lambda *a, **kw: calls.append(a) or 0)
+    for dotted in ("os.system", "json.loads", "builtins.dict"):
+        assert main(["inspect", ckpts["pretraining"], "--model", dotted]) == 2
+        err = capsys.readouterr().err
+        assert f"--model {dotted}: is " in err and "not a model class" in err, err
+    assert calls == [], "the named object must never be called"
+    assert main(["inspect", ckpts["pretraining"], "--model", "transformers.AutoModel"]) == 0   # Auto classes: fine
+    capsys.readouterr()
+
+
+# ----------------------------------------------------------------------------- another architecture under BERT's names
+def tiny_roberta(tmp, *, config=True, prefixed=False):
+    """A tiny random RoBERTa (bare: keys exactly like a BERT's; or with its MLM head: ``roberta.``)."""
+    import torch
+    import transformers
+
+    c = transformers.RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64, max_position_embeddings=34, type_vocab_size=1)
+    torch.manual_seed(2)
+    cls = transformers.RobertaForMaskedLM if prefixed else transformers.RobertaModel
+    d = os.path.join(str(tmp), f"roberta-{int(config)}-{int(prefixed)}")
+    cls(c).save_pretrained(d, safe_serialization=True)
+    if not config:
+        os.remove(os.path.join(d, "config.json"))
+    return d
+
+
+def test_roberta_into_bert_is_not_ok(tmp_path, demo, capsys):
+    """It used to say 'verdict: ok' (every key matches by name), and transformers' BertModel would
+    load it with a warning and compute other outputs (positions counted from 0, not padding_idx + 1)."""
+    from transformers import BertModel
+
+    from hfpatches import explain_load
+    from hfpatches.__main__ import main
+
+    path = tiny_roberta(tmp_path)
+    assert main(["inspect", path, "--model", "transformers.BertModel"]) == 1
+    out = capsys.readouterr().out
+    assert "verdict: NOT OK: the checkpoint is refused for this model (see 'refused')" in out
+    assert f"refused: {os.path.join(path, 'config.json')} says model_type 'roberta'" in out
+    assert "BertModel is a 'bert' model" in out and "transformers.AutoModel" in out
+    # no config.json beside it (config from elsewhere): the position table's padding row tells
+    bare = tiny_roberta(tmp_path, config=False)
+    r = explain_load(meta(BertModel, demo.tiny_bert_config(max_position_embeddings=34, type_vocab_size=1)), bare)
+    assert not r.ok and "row 1 of embeddings.position_embeddings.weight is all zeros" in r.incompatible[0]
+    assert "padding_idx + 1 = 2" in r.incompatible[0]
+    # a real BERT is not touched by either check
+    r = explain_load(meta(BertModel, demo.tiny_bert_config()), demo.write_checkpoints(str(tmp_path / "b"))["pretraining"])
+    assert r.ok and r.incompatible == []
+
+
+def test_two_encoders_are_ambiguous_not_a_pick(demo, tmp_path):
+    """Two BERTs under 'd_encoder.' / 'q_encoder.': inspect used to pick one (the first in sorted
+    order) and call the other one's weights an unexpected head."""
+    import torch
+    from transformers import BertModel
+
+    from hfpatches import explain_load
+
+    sd = {}
+    for seed, name in enumerate(("q_encoder.", "d_encoder.")):
+        torch.manual_seed(seed)
+        sd.update({name + k: v for k, v in BertModel(demo.tiny_bert_config()).state_dict().items()})
+    r = explain_load(meta(BertModel, demo.tiny_bert_config()), sd)
+    assert not r.ok and r.count("prefix-mismatch") == 0
+    (why,) = r.incompatible
+    assert why.startswith("ambiguous:") and "'d_encoder.', 'q_encoder.'" in why and "removeprefix('d_encoder.')" in why
+    # one encoder alone is still an ordinary prefix mismatch with its fix
+    one = {k: v for k, v in sd.items() if k.startswith("q_encoder.")}
+    r = explain_load(meta(BertModel, demo.tiny_bert_config()), one)
+    assert r.ok and r.count("prefix-mismatch") == 39 and r.incompatible == []

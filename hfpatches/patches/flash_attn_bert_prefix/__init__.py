@@ -1,24 +1,27 @@
-"""``flash_attn_bert_prefix``: flash-attn's BERT loads BERT checkpoints strictly, never random weights.
+"""flash-attn's BERT ``from_pretrained`` loads random weights or crashes, depending on the prefix.
 
 Bug
-    ``flash_attn.models.bert.BertPreTrainedModel.from_pretrained`` only remaps ``bert.``-prefixed
-    keys and loads with ``strict=False``: ``BertModel`` on a ``bert.`` checkpoint keeps its random
-    initialisation silently; a bare ``BertModel`` checkpoint (sentence-transformers, MiniLM) raises
-    ``KeyError``.
+    ``flash_attn.models.bert.BertPreTrainedModel.from_pretrained`` remaps only ``bert.``-prefixed keys
+    and loads with ``strict=False``: ``BertModel`` from a ``bert.`` checkpoint keeps its random init
+    (silently); a bare-``BertModel`` checkpoint (sentence-transformers) raises ``KeyError: 'bert.encoder
+    .layers.0.attention.self.query.weight'``. flash-attn <= 2.8.3 also unpickles ``.bin`` without
+    ``weights_only=True``.
 Affected
-    every flash-attn release with ``models/bert.py`` checked (2.5.6 .. 2.8.3.post2); no fix upstream.
+    Every flash-attn release with ``flash_attn/models/bert.py`` checked (2.5.6 .. 2.8.3.post2, 2026-08
+    HEAD); no fixed release (``fixed_in=None``): the probe decides.
 Upstream
     Dao-AILab/flash-attention#864 (closed without a fix).
 Probe
-    two tiny transformers BERTs (with and without ``bert.``) saved to a temp dir and loaded through
-    the installed ``from_pretrained``: bug <=> a KeyError or weights that did not arrive.
+    A tiny transformers BERT saved as safetensors without and with ``bert.``, loaded into
+    ``BertModel``: bug <=> KeyError or the weights did not arrive. ~0.1 s, torch RNG untouched.
 What changes
-    ``from_pretrained`` finds the BERT encoder in the checkpoint (prefix ``""``, ``bert.`` or one
-    other), remaps it with flash-attn's own ``remap_state_dict`` and loads it strictly. A
-    checkpoint that is not BERT (RoBERTa-style position ids, another ``model_type``) or holds
-    several encoders is refused with ``CheckpointError`` naming what was found; a missing or
-    misshaped weight is an error, never random init. ``.bin`` files are read with
-    ``weights_only=True``. Rationale: docs/patches/flash_attn_bert_prefix.md.
+    ``from_pretrained`` (wrapped, signature kept) loads BERT checkpoints with any of '' / ``bert.``
+    into any BERT class through flash-attn's own remap, strictly: a missing or misshaped backbone
+    weight raises ``CheckpointError``; missing heads are one WARNING. Refused with the file, what was
+    found, what was expected and the fix: non-BERT checkpoints (config.json ``model_type``, a
+    ``roberta.``-style prefix, a RoBERTa padding row in the position table), two encoders in one file
+    (choose with ``checkpoint_prefix=``), any other prefix unless chosen. ``.bin`` is read with
+    ``weights_only=True`` and never memory-mapped. Design: docs/patches/flash_attn_bert_prefix.md.
 """
 from hfpatches._declare import Patch, Target
 

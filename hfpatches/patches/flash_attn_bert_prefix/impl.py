@@ -13,6 +13,16 @@ SHOW = 10                                   # keys shown per kind in errors and 
 BACKBONE_PARTS = ("embeddings.", "encoder.", "emb_ln.")   # flash-attn BertModel's own weights
 CHECKPOINT_PARTS = ("embeddings.", "encoder.", "pooler.")  # a HF BertModel's top-level children
 ANCHOR = "embeddings.word_embeddings.weight"
+POSITIONS = "embeddings.position_embeddings.weight"
+POSITION_ROWS = 4                           # rows of the position table checked for a padding row
+BERT_MODEL_TYPES = ("bert",)                # config.json model_type values flash-attn's BERT reproduces
+ROBERTA_FAMILY = ("roberta", "xlm-roberta", "camembert", "xlm-roberta-xl", "roberta-prelayernorm", "data2vec-text")
+# base_model_prefix of BERT look-alikes whose position ids or embeddings differ from BERT's
+FOREIGN_PREFIXES = {"roberta.": "RoBERTa / XLM-R / CamemBERT", "roberta_prelayernorm.": "RoBERTa-PreLayerNorm",
+                    "data2vec_text.": "Data2VecText", "electra.": "ELECTRA", "ernie.": "ERNIE",
+                    "megatron_bert.": "Megatron-BERT", "distilbert.": "DistilBERT", "deberta.": "DeBERTa"}
+BERT_ONLY_FIX = ("Load it with transformers (AutoModel.from_pretrained), or give flash-attn a BERT checkpoint "
+                 "(config.json model_type 'bert').")
 DECODER_W, DECODER_B, HF_MLM_BIAS = "cls.predictions.decoder.weight", "cls.predictions.decoder.bias", "cls.predictions.bias"
 
 
@@ -51,18 +61,19 @@ def _bin_files(model_name: str) -> list[str] | None:
 
 
 def _torch_load(path: str) -> dict:
-    import zipfile
-
     import torch
 
-    # mmap only works for the zip format (torch >= 1.6); the legacy format is read into memory
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    # Never mmap: the tensors become the model's parameters (``_assign``), and a parameter backed by
+    # the file dies with SIGBUS (or silently changes) when the file is rewritten in place - e.g.
+    # ``torch.save(model.state_dict(), the_same_path)``, which truncates it first.
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
 
 
 def read_state_dict(model_name: str) -> dict:
     """The checkpoint's state dict, through flash-attn's own reader (``.bin`` always with
-    ``weights_only=True``). Finding nothing raises flash-attn's (or transformers') own error, as
-    before; a file that is there but cannot be read raises ``CheckpointError``."""
+    ``weights_only=True`` and never memory-mapped). Finding nothing raises flash-attn's (or
+    transformers') own error, as before; a file that is there but cannot be read raises
+    ``CheckpointError``."""
     import pickle
 
     from hfpatches.errors import CheckpointError
@@ -100,11 +111,126 @@ def _where(model_name, cls=None) -> str:
     return f"{who}.from_pretrained({str(model_name)!r})"
 
 
-def _checkpoint_prefix(keys) -> str | None:
-    """Where the BERT backbone lives in the checkpoint ('' or 'bert.' or ...); None: not a BERT."""
-    found = sorted({k[: -len(ANCHOR)] for k in keys if k.endswith(ANCHOR) and (k == ANCHOR or k[-len(ANCHOR) - 1] == ".")},
-                   key=len)
-    return found[0] if found else None
+def prefix_candidates(keys) -> list[str]:
+    """Every prefix under which the checkpoint holds ``embeddings.word_embeddings.weight``
+    (``''``, ``'bert.'``, ``'q_encoder.'`` ...), sorted: the same list in every process."""
+    return sorted({k[: -len(ANCHOR)] for k in keys if k.endswith(ANCHOR) and (k == ANCHOR or k[-len(ANCHOR) - 1] == ".")})
+
+
+def checkpoint_config(model_name) -> tuple[str | None, dict | None]:
+    """``(path, parsed config.json)`` of the checkpoint, or ``(None, None)`` when it has none (or it
+    cannot be read: then the key layout and the weights are all there is to judge by)."""
+    import json
+
+    path = os.path.join(str(model_name), "config.json")
+    if not os.path.isdir(str(model_name)):
+        try:
+            from transformers.utils.hub import cached_file
+
+            path = cached_file(str(model_name), "config.json", _raise_exceptions_for_missing_entries=False)
+        except Exception:  # noqa: BLE001 - offline, no such repo: judged by the weights alone
+            path = None
+    if not path or not os.path.isfile(path):
+        return None, None
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return path, None
+    return path, cfg if isinstance(cfg, dict) else None
+
+
+def _zero_row(rows) -> int | None:
+    """Index of the first all-zero row among the first position-embedding rows, else None."""
+    if rows is None or getattr(rows, "ndim", 0) != 2:
+        return None
+    head = rows[:POSITION_ROWS]
+    if head.is_meta:
+        return None
+    zero = (head == 0).all(dim=1)
+    return int(zero.nonzero()[0, 0]) if bool(zero.any()) else None
+
+
+def check_bert_checkpoint(source: str, keys, *, config=None, config_path=None, config_json=None,
+                          positions=None, prefix=None, who: str | None = None) -> str:
+    """The prefix of the checkpoint's BERT backbone, or ``CheckpointError`` when the checkpoint is
+    not a BERT that flash-attn's ``BertModel`` reproduces. Shared by the patched ``from_pretrained``
+    and ``python -m hfpatches inspect --model flash_attn.models.bert.BertModel``, so both say the same.
+
+    ``keys``: the checkpoint's tensor names. ``config``: the config object the model is built from.
+    ``config_json``: the checkpoint's own config.json (``config_path``: where it is). ``positions``:
+    a function from a checkpoint key to the first rows of that tensor (None: absent or not read).
+    ``prefix``: the caller's explicit choice (``checkpoint_prefix=``), else it must be unambiguous.
+    Checked, in this order: config.json's ``model_type`` and ``position_embedding_type``; the config
+    object's; where the backbone is (one candidate, ``''`` or ``'bert.'``, unless chosen explicitly;
+    never a RoBERTa-family prefix); the position-id scheme (no padding row in the position table)."""
+    from ..errors import CheckpointError
+
+    who = who or _where(source)
+    refuse = BERT_ONLY_FIX
+    if config_json is not None:
+        mt = config_json.get("model_type")
+        arch = config_json.get("architectures")
+        said = f"{config_path} says model_type {mt!r}" + (f" (architectures {arch})" if arch else "")
+        if mt is not None and mt not in BERT_MODEL_TYPES:
+            raise CheckpointError(f"{who}: not a BERT checkpoint: {said}; expected model_type 'bert'. "
+                                  f"{_family_note(mt, config_json)}{refuse}")
+        pe = config_json.get("position_embedding_type", "absolute")
+        if pe not in (None, "absolute"):
+            raise CheckpointError(f"{who}: {config_path} says position_embedding_type {pe!r}; flash-attn's BERT "
+                                  f"has absolute position embeddings only (expected 'absolute'). {refuse}")
+    mt = getattr(config, "model_type", None)
+    if mt and mt not in BERT_MODEL_TYPES:
+        raise CheckpointError(f"{who}: the config passed is a {type(config).__name__} (model_type {mt!r}); "
+                              f"expected a BertConfig (model_type 'bert'). {_family_note(mt, {})}{refuse}")
+    found = prefix_candidates(keys)
+    if not found:
+        hint = f" ({config_path} says {config_json.get('architectures') or config_json.get('model_type')})" \
+            if config_json and (config_json.get("architectures") or config_json.get("model_type")) else ""
+        raise CheckpointError(f"{who}: not a BERT checkpoint{hint}: no '{ANCHOR}' under any prefix; "
+                              f"its keys look like {_show(list(keys)[:3])}. {refuse}")
+    shown = ", ".join(repr(p) for p in found)
+    explicit = prefix is not None
+    if explicit:
+        if prefix and not prefix.endswith("."):
+            prefix += "."
+        if prefix not in found:
+            raise CheckpointError(f"{who}: checkpoint_prefix={prefix!r} holds no '{ANCHOR}'; the checkpoint has a "
+                                  f"BERT embedding table under: {shown}. Pass one of these.")
+    elif len(found) > 1:
+        raise CheckpointError(f"{who}: ambiguous checkpoint: it holds {len(found)} BERT embedding tables, under "
+                              f"{shown} (a dual encoder, a student/teacher pair?); expected one. Refusing to pick "
+                              f"one: choose with from_pretrained(..., checkpoint_prefix={found[0]!r}) (or another "
+                              "of these).")
+    else:
+        prefix = found[0]
+    family = FOREIGN_PREFIXES.get(prefix)
+    if family:
+        raise CheckpointError(f"{who}: not a BERT checkpoint: its encoder sits under {prefix!r}, the prefix of "
+                              f"{family} models; expected '' or 'bert.'. "
+                              f"{_family_note('roberta' if family.startswith(('RoBERTa', 'Data2Vec')) else '', {})}"
+                              f"{refuse}")
+    if not explicit and prefix not in ("", "bert."):
+        raise CheckpointError(f"{who}: the checkpoint's BERT embedding table sits under {prefix!r}, not at the top "
+                              "level or under 'bert.' (where transformers' BertModel / BertForPreTraining save it); "
+                              "refusing to guess that the weights there are a BERT encoder. If they are, say so: "
+                              f"from_pretrained(..., checkpoint_prefix={prefix!r}).")
+    key = prefix + POSITIONS
+    row = _zero_row(positions(key) if positions is not None else None)
+    if row is not None:
+        raise CheckpointError(f"{who}: not a BERT position table: row {row} of {key} is all zeros, the padding row "
+                              f"of RoBERTa-style embeddings, which count positions from padding_idx + 1 = {row + 1}; "
+                              f"expected BERT's positions counted from 0 (no zero row). {refuse}")
+    return prefix
+
+
+def _family_note(model_type: str, cfg: dict) -> str:
+    if model_type in ROBERTA_FAMILY:
+        pad = cfg.get("pad_token_id", 1)
+        return (f"{model_type} counts positions from padding_idx + 1 (= {pad + 1 if isinstance(pad, int) else 'pad + 1'}) "
+                "where BERT counts from 0, so flash-attn's BertModel would compute different outputs from the same "
+                "weights. ")
+    return ""
 
 
 def _target_prefix(model, fb) -> str:
@@ -210,19 +336,6 @@ def _error(model_name, cls, *, missing, unexpected, mismatched=(), cause: str):
     return CheckpointError("\n".join(lines))
 
 
-def _architecture_hint(model_name: str) -> str:
-    import json
-
-    path = os.path.join(str(model_name), "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
-        return ""
-    arch = cfg.get("architectures") or cfg.get("model_type")
-    return f" (its config.json says {arch})" if arch else ""
-
-
 # ----------------------------------------------------------------------------- the fixed load
 _SKIP_META_INIT: list = []  # [the TorchFunctionMode class], made on first use (torch is imported lazily)
 INIT_FUNCTIONS = ("uniform_", "normal_", "constant_", "kaiming_uniform_")   # torch.nn.init's dispatching ones
@@ -278,7 +391,9 @@ def _build(cls, config, inputs, kwargs):
 def _assign(model, sd: dict) -> None:
     """Load ``sd`` into a meta-built ``model`` by taking its tensors as the parameters (no copy
     unless dtype/device differ), then restore tied parameters (``assign`` replaces each name's
-    Parameter separately)."""
+    Parameter separately). The tensors never depend on a ``.bin`` file (read without mmap); those
+    of a safetensors file stay on its private mapping, as in transformers' own loads (see the
+    module docstring, "Reading")."""
     import torch
 
     device = torch.empty(0).device  # the default device the normal construction would have used
@@ -302,36 +417,24 @@ def _assign(model, sd: dict) -> None:
         raise RuntimeError(f"hfpatches {PATCH_ID}: left on the meta device: {_show(left)}")
 
 
-def load_pretrained(cls, model_name, config, *inputs, **kwargs):
-    """What ``BertPreTrainedModel.from_pretrained`` does once patched (see the module docstring)."""
+def load_pretrained(cls, model_name, config, *inputs, checkpoint_prefix=None, **kwargs):
+    """What ``BertPreTrainedModel.from_pretrained`` does once patched (see the module docstring).
+    ``checkpoint_prefix``: where the BERT encoder sits in the checkpoint (``''``, ``'bert.'``,
+    ``'q_encoder.'``...) when it is not the one unambiguous ``''`` or ``'bert.'``."""
     import logging
 
-    fb = sys.modules[MODULE]
+    config_path, config_json = checkpoint_config(model_name)
     model, on_meta = _build(cls, config, inputs, kwargs)
     raw = read_state_dict(model_name)
     raw_keys = list(raw)
-    emb = next((raw[k] for k in raw_keys if k.endswith(ANCHOR)), None)
-    emb_shape = tuple(emb.shape) if emb is not None else None
-    prefix = _checkpoint_prefix(raw_keys)
-    if prefix is None:
-        raise _error(model_name, cls, missing=[ANCHOR], unexpected=raw_keys,
-                     cause=f"this is not a BERT checkpoint{_architecture_hint(model_name)}: no "
-                           f"'{ANCHOR}' under any prefix")
-    box = [_to_bert_prefix(raw, prefix)]
+    prefix = check_bert_checkpoint(model_name, raw_keys, config=config, config_path=config_path,
+                                   config_json=config_json, prefix=checkpoint_prefix, who=_where(model_name, cls),
+                                   positions=lambda key, sd=raw: sd[key][:POSITION_ROWS] if key in sd else None)
+    emb = raw[prefix + ANCHOR]
+    emb_shape = tuple(emb.shape)
+    box = [raw]
     del raw, emb  # from here on the only reference to the tensors is the dict in ``box``
-    qkv = [f"bert.encoder.layer.{d}.attention.self.{p}.{w}" for d in range(config.num_hidden_layers)
-           for p in ("query", "key", "value") for w in ("weight", "bias")]
-    absent = [k for k in qkv if k not in box[0]]
-    if absent:  # remap_state_dict pops them unconditionally: say what is missing instead of a KeyError
-        raise _error(model_name, cls, missing=[k.replace("bert.", prefix, 1) for k in absent], unexpected=[],
-                     cause=_cause_for_layers(raw_keys, config))
-    stand_ins = _add_stand_ins(box[0], config)
-    # flash-attn's own remap; handing over the only reference lets it free q/k/v once fused
-    sd = fb.remap_state_dict(box.pop(), config)
-    for k in stand_ins:
-        sd.pop(k, None)
-    target = _target_prefix(model, fb)
-    sd = _from_bert_prefix(sd, target)
+    sd, target = remap_checkpoint(box, prefix, config, model, raw_keys=raw_keys, who=(model_name, cls))
     plan = _Plan(model, sd, target)
     if not plan.ok:
         raise _error(model_name, cls, missing=plan.missing_backbone, unexpected=plan.unexpected_backbone,
@@ -360,6 +463,27 @@ def load_pretrained(cls, model_name, config, *inputs, **kwargs):
     return model
 
 
+def remap_checkpoint(box: list, prefix: str, config, model, *, raw_keys, who) -> tuple[dict, str]:
+    """The checkpoint's state dict (the one item of ``box``, handed over so that flash-attn's remap
+    can free q/k/v once fused) in ``model``'s names: backbone moved under ``bert.``, flash-attn's own
+    ``remap_state_dict``, then moved to where ``model`` holds its BertModel. Returns (state dict, that
+    prefix). Works on meta tensors too (``inspect``). Missing Q/K/V raise the missing-layer error."""
+    fb = sys.modules[MODULE]
+    box.append(_to_bert_prefix(box.pop(), prefix))
+    qkv = [f"bert.encoder.layer.{d}.attention.self.{p}.{w}" for d in range(config.num_hidden_layers)
+           for p in ("query", "key", "value") for w in ("weight", "bias")]
+    if any(k not in box[0] for k in qkv):
+        # remap_state_dict pops q/k/v unconditionally: say everything that is missing instead of a KeyError
+        missing, whole = _missing_layer_keys(raw_keys, prefix, config.num_hidden_layers)
+        raise _error(*who, missing=missing, unexpected=[], cause=_cause_for_layers(raw_keys, config, whole))
+    stand_ins = _add_stand_ins(box[0], config)
+    sd = fb.remap_state_dict(box.pop(), config)
+    for k in stand_ins:
+        sd.pop(k, None)
+    target = _target_prefix(model, fb)
+    return _from_bert_prefix(sd, target), target
+
+
 def _add_stand_ins(sd: dict, config) -> list[str]:
     """With ``pad_vocab_size_multiple > 1`` flash-attn's remap pads the MLM decoder's weight and bias
     too; a checkpoint without them (a bare BertModel, or transformers' safetensors, which drop the
@@ -376,10 +500,38 @@ def _add_stand_ins(sd: dict, config) -> list[str]:
     return added
 
 
-def _cause_for_layers(raw_keys, config) -> str:
+LAYER_KEYS = tuple(f"attention.self.{p}.{w}" for p in ("query", "key", "value") for w in ("weight", "bias")) + tuple(
+    f"{m}.{w}" for m in ("attention.output.dense", "attention.output.LayerNorm", "intermediate.dense", "output.dense",
+                         "output.LayerNorm") for w in ("weight", "bias"))   # a transformers BERT layer's 16 weights
+
+
+def _missing_layer_keys(raw_keys, prefix: str, n_layers: int) -> tuple[list[str], list[int]]:
+    """Every encoder-layer weight the checkpoint lacks for ``n_layers`` layers (in its own naming:
+    the weight names its other layers use, ``gamma``/``beta`` included, else transformers'), and
+    the layers that are missing entirely."""
+    import re
+
+    pat = re.compile(re.escape(prefix) + r"encoder\.layer\.(\d+)\.(.+)$")
+    have: dict[int, set] = {}
+    for k in raw_keys:
+        m = pat.match(k)
+        if m:
+            have.setdefault(int(m.group(1)), set()).add(m.group(2))
+    used = set().union(*have.values()) | set(LAYER_KEYS[:6]) if have else set(LAYER_KEYS)
+    names = [n for n in LAYER_KEYS if n in used] + sorted(used - set(LAYER_KEYS))
+    missing = [f"{prefix}encoder.layer.{d}.{n}" for d in range(n_layers) for n in names if n not in have.get(d, ())]
+    whole = [d for d in range(n_layers) if d not in have]
+    return missing, whole
+
+
+def _cause_for_layers(raw_keys, config, whole=()) -> str:
     n_ckpt = _layer_count(raw_keys)
+    gone = f" (layers missing entirely: {', '.join(map(str, whole))})" if whole else ""
     if n_ckpt and n_ckpt < config.num_hidden_layers:
-        return f"the checkpoint has {n_ckpt} encoder layers, config.num_hidden_layers is {config.num_hidden_layers}"
+        return (f"the checkpoint has {n_ckpt} encoder layers, config.num_hidden_layers is {config.num_hidden_layers}"
+                f"{gone}; build the config from the checkpoint's own config.json")
+    if whole:
+        return f"the checkpoint lacks whole encoder layers{gone}: it is partial (an interrupted save or a missing shard?)"
     return "the checkpoint's attention weights are not named like a transformers BERT's (attention.self.query/key/value)"
 
 
@@ -388,7 +540,8 @@ def _split(model_name, config, *inputs, **kwargs):
 
 
 def _from_pretrained(wrapped, instance, args, kwargs):
-    """wrapt wrapper: ``instance`` is the class the classmethod was called on."""
+    """wrapt wrapper: ``instance`` is the class the classmethod was called on. The one keyword the
+    patch adds, ``checkpoint_prefix=``, is taken here; everything else reaches ``cls(config, ...)``."""
     cls = instance if isinstance(instance, type) else type(instance)
     model_name, config, inputs, kw = _split(*args, **kwargs)
     return load_pretrained(cls, model_name, config, *inputs, **kw)

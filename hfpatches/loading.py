@@ -1078,7 +1078,7 @@ def _flash_bert_view(model, ck: Checkpoint):
     (checkpoint to align, refusals, where the backbone is, a note)."""
     import torch
 
-    from .patches import flash_attn_bert_prefix as fp
+    from .patches.flash_attn_bert_prefix import impl as fp
 
     who = (ck.source, type(model))
     keys = list(ck.tensors)
@@ -1128,7 +1128,6 @@ def build_meta_model(class_path: str, config_dir: str):
     built from ``config_dir``'s config on the meta device: no memory for weights."""
     import importlib
 
-    import torch
 
     mod_name, _, cls_name = class_path.rpartition(".")
     try:
@@ -1156,7 +1155,9 @@ def build_meta_model(class_path: str, config_dir: str):
         raise _UsageError(f"{os.path.join(config_dir, 'config.json')}: cannot build a config ({_one_line(e)})") from e
     if _is_flash_bert(cls) and getattr(config, "position_embedding_type", None) is None:
         config.position_embedding_type = "absolute"   # transformers 5 dropped the field (BERT is absolute only)
-    with torch.device("meta"):
+    from ._meta_build import meta_build
+
+    with meta_build():   # this thread only: torch.device("meta") would set a process global
         if hasattr(cls, "from_config") and not hasattr(cls, "base_model_prefix"):  # Auto* classes
             return cls.from_config(config)
         return cls(config)

@@ -565,3 +565,29 @@ def test_two_encoders_are_ambiguous_not_a_pick(demo, tmp_path):
     one = {k: v for k, v in sd.items() if k.startswith("q_encoder.")}
     r = explain_load(meta(BertModel, demo.tiny_bert_config()), one)
     assert r.ok and r.count("prefix-mismatch") == 39 and r.incompatible == []
+
+
+def test_inspect_builds_on_meta_in_this_thread_only(ckpts):
+    """inspect --model's meta model is built under a thread-local mode: torch.device("meta") would set
+    torch.utils._device.CURRENT_DEVICE, a process global that torch.compile reads in every thread."""
+    import threading
+
+    import torch
+
+    from hfpatches.loading import build_meta_model
+
+    seen, stop = set(), threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            seen.add(str(torch.utils._device.CURRENT_DEVICE))
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        for _ in range(3):
+            assert build_meta_model("transformers.BertModel", ckpts["pretraining"]).embeddings.word_embeddings.weight.is_meta
+    finally:
+        stop.set()
+        t.join(30)
+    assert seen == {"None"}, seen

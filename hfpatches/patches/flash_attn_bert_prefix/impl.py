@@ -164,7 +164,7 @@ def check_bert_checkpoint(source: str, keys, *, config=None, config_path=None, c
     Checked, in this order: config.json's ``model_type`` and ``position_embedding_type``; the config
     object's; where the backbone is (one candidate, ``''`` or ``'bert.'``, unless chosen explicitly;
     never a RoBERTa-family prefix); the position-id scheme (no padding row in the position table)."""
-    from ..errors import CheckpointError
+    from hfpatches.errors import CheckpointError
 
     who = who or _where(source)
     refuse = BERT_ONLY_FIX
@@ -337,49 +337,19 @@ def _error(model_name, cls, *, missing, unexpected, mismatched=(), cause: str):
 
 
 # ----------------------------------------------------------------------------- the fixed load
-_SKIP_META_INIT: list = []  # [the TorchFunctionMode class], made on first use (torch is imported lazily)
-INIT_FUNCTIONS = ("uniform_", "normal_", "constant_", "kaiming_uniform_")   # torch.nn.init's dispatching ones
-FILL_METHODS = ("normal_", "uniform_", "zero_", "fill_")                   # torch.Tensor's in-place fills
-
-
 def _skip_meta_init():
-    """A fresh context manager that, in this thread only, makes the value-filling initialisers a
-    no-op on meta tensors (see "Construction" in the module docstring).
+    """The meta build of this thread only (``hfpatches._meta_build.meta_build``)."""
+    from hfpatches._meta_build import meta_build
 
-    It is a ``torch.overrides.TorchFunctionMode``: torch keeps the mode stack per thread, so entering
-    it changes nothing for other threads, and nothing global (``torch.nn.init``, ``torch.Tensor``) is
-    patched. It returns the tensor untouched only when that tensor is on the meta device, where a fill
-    computes nothing; any other tensor, and every other function, goes through unchanged. Entered
-    inside ``torch.device("meta")`` (which torch keeps at the bottom of the stack), so it sees each
-    call first."""
-    if not _SKIP_META_INIT:
-        import torch
-        from torch.overrides import TorchFunctionMode
-
-        skip = frozenset([getattr(torch.nn.init, n) for n in INIT_FUNCTIONS if hasattr(torch.nn.init, n)]
-                         + [getattr(torch.Tensor, n) for n in FILL_METHODS])
-
-        class SkipMetaInit(TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                if func in skip:
-                    # nn.init passes the tensor as a keyword (tensor=), Tensor methods as self
-                    t = args[0] if args else kwargs.get("tensor")
-                    if isinstance(t, torch.Tensor) and t.is_meta:
-                        return t
-                return func(*args, **kwargs)
-
-        _SKIP_META_INIT.append(SkipMetaInit)
-    return _SKIP_META_INIT[0]()
+    return meta_build()
 
 
 def _build(cls, config, inputs, kwargs):
     """``(model, on_meta)``: the class built on the meta device (no memory, initialisers skipped)
     when that works and leaves no buffer to compute; else built normally, as flash-attn does."""
-    import torch
 
     try:
-        with torch.device("meta"), _skip_meta_init():
+        with _skip_meta_init():
             model = cls(config, *inputs, **kwargs)
         if not any(True for _ in model.buffers()):
             return model, True

@@ -72,10 +72,32 @@ _FLOAT = ("float", "bfloat", "complex")
 
 # PEFT: wrapped layers keep their original weight under ``.base_layer.``; the whole model sits
 # under ``base_model.model.``; adapter weights have no place in the plain model.
-PEFT_ROOT = "base_model.model."
-_PEFT_ADAPTER = re.compile(r"(?:^|\.)(lora_[A-Za-z_]+|ia3_l|hada_w\d_[ab]|lokr_w\d(?:_[ab])?|oft_[A-Za-z_]+|"
-                           r"boft_[A-Za-z_]+|vera_lambda_[bd]|adaption_prompt|prompt_encoder|original_module)(?:\.|$)")
-_PEFT_INFIX = re.compile(r"\.(base_layer|modules_to_save\.[^.]+)\.")
+from .peft_keys import PEFT_ROOT  # noqa: E402  (one source: where PEFT puts the model)
+
+
+def _peft_names(keys) -> dict:
+    """Every PEFT name among ``keys``, classified by :func:`hfpatches.peft_keys.parse_peft_keys`
+    (the one parser of PEFT key names; it needs the whole key set to tell a tuner's
+    ``base_layer`` from a layer that is really called so)."""
+    from .peft_keys import parse_peft_keys
+
+    return {e.key: e for e in parse_peft_keys(keys) if e.kind != "outside"}
+
+
+def _peft_kind(names: dict, key: str) -> str | None:
+    """``"adapter"``: no place in the plain model (tuner weights; the trained ``modules_to_save``
+    copies, which only a merge puts into the plain model); ``"wrapped"``: a PEFT name of a plain
+    weight (under ``base_model.model.``, ``.base_layer.``, ``.original_module.``); None: not PEFT."""
+    e = names.get(key)
+    if e is None:
+        return None
+    return "adapter" if e.kind in ("adapter", "copy") else "wrapped"
+
+
+def _peft_normal(names: dict, key: str) -> str:
+    """PEFT name -> the plain model's name (what ``peft_state_dict(sd, to="plain")`` gives it)."""
+    e = names.get(key)
+    return e.plain if e is not None and e.kind in ("base", "original") else key
 
 
 def _is_float(dtype: str | None) -> bool:
@@ -409,6 +431,7 @@ def summarize(checkpoint) -> dict:
     params = elements = size = 0
     unknown = []
     adapters = wrapped = 0
+    peft = _peft_names(ck.tensors)
     for key, t in ck.tensors.items():
         d = dtypes.setdefault(t.dtype, {"tensors": 0, "bytes": 0})
         d["tensors"] += 1
@@ -422,9 +445,10 @@ def summarize(checkpoint) -> dict:
         if _is_float(t.dtype):
             params += t.numel
         prefixes[_top_prefix(key)] = prefixes.get(_top_prefix(key), 0) + 1
-        if _PEFT_ADAPTER.search(key):
+        kind = _peft_kind(peft, key)
+        if kind == "adapter":
             adapters += 1
-        elif key.startswith(PEFT_ROOT) or _PEFT_INFIX.search(key):
+        elif kind == "wrapped":
             wrapped += 1
     return {
         "checkpoint": ck.source, "format": ck.format, "files": ck.files, "tensors": len(ck.tensors),
@@ -727,7 +751,8 @@ class LoadReport:
         loaded = sum(1 for e in entries if e.kind == "matched")
         # nothing loaded: the unexpected keys are another architecture's backbone, not heads
         dominant = _dominant_prefix(dict.fromkeys(unexpected)) if not loaded else None
-        entries += [_unexpected_entry(view, k, _in_model(view, k), None, dominant) for k in sorted(unexpected)]
+        peft = _peft_names(unexpected)
+        entries += [_unexpected_entry(view, k, _in_model(view, k), None, dominant, peft) for k in sorted(unexpected)]
         return cls(view.name, checkpoint, entries, _notes(view, loaded, sorted(unexpected)), source="loading_info")
 
 
@@ -773,13 +798,15 @@ def _missing_entry(view: _ModelView, key: str, missing: set[str]) -> LoadEntry:
                      fix="load the checkpoint this model was trained from, or a config that matches it")
 
 
-def _unexpected_entry(view: _ModelView, ckpt_key: str, model_space: str, info, dominant: str | None) -> LoadEntry:
-    if _PEFT_ADAPTER.search(ckpt_key):
+def _unexpected_entry(view: _ModelView, ckpt_key: str, model_space: str, info, dominant: str | None,
+                      peft: dict) -> LoadEntry:
+    kind = _peft_kind(peft, ckpt_key)
+    if kind == "adapter":
         return LoadEntry("peft-wrapped", None, ckpt_key, ckpt=info,
-                         reason="PEFT adapter weight: no place in the plain model",
-                         fix="merge it (peft: model.merge_and_unload()) or load the model as a PeftModel; "
-                             "hfpatches.peft_state_dict translates the base weights")
-    if ckpt_key.startswith(PEFT_ROOT) or _PEFT_INFIX.search(ckpt_key):
+                         reason="PEFT adapter weight (or a trained modules_to_save copy): no place in the plain model",
+                         fix="merge it (peft: model.merge_and_unload(), or hfpatches.peft_state_dict(sd, to='plain', "
+                             "merge=True)) or load the model as a PeftModel")
+    if kind == "wrapped":
         return LoadEntry("peft-wrapped", None, ckpt_key, ckpt=info,
                          reason="PEFT-wrapped name (base_model.model. / .base_layer.): no model key has this name",
                          fix=PEFT_FIX)
@@ -810,12 +837,6 @@ def _shape_fix(view: _ModelView, key: str, ck_shape, m_shape) -> str:
             "re-initialise this weight (then untrained)")
 
 
-def _peft_normal(key: str) -> str:
-    """PEFT name -> the plain model's name (``base_model.model.``, ``.base_layer.``,
-    ``.modules_to_save.<adapter>.`` removed)."""
-    if key.startswith(PEFT_ROOT):
-        key = key[len(PEFT_ROOT):]
-    return _PEFT_INFIX.sub(".", key)
 
 
 def _suffix_index(keys) -> dict[str, list[tuple[str, str]]]:
@@ -839,13 +860,14 @@ def _align(model_all: set[str], ck: dict[str, TensorInfo]):
         if c in model_all:
             pairs[c] = (c, "direct", None)
             taken.add(c)
-    adapters = {c for c in ck if c not in taken and _PEFT_ADAPTER.search(c)}
+    peft_names = _peft_names(ck)
+    adapters = {c for c in ck if c not in taken and _peft_kind(peft_names, c) == "adapter"}
     names: dict[str, str] = {}  # normalised checkpoint name -> checkpoint key
     peft: set[str] = set()
     for c in sorted(ck):
         if c in taken or c in adapters:
             continue
-        n = _peft_normal(c)
+        n = _peft_normal(peft_names, c)
         if n != c:
             peft.add(c)
             if n in model_all and n not in pairs:
@@ -886,12 +908,12 @@ def _align(model_all: set[str], ck: dict[str, TensorInfo]):
         if not got:
             break
         rules.append((op, p, got))
-    return pairs, adapters, rules, taken, ties
+    return pairs, adapters, rules, taken, ties, peft_names
 
 
-def _model_space(key: str, rules) -> str:
+def _model_space(key: str, rules, peft: dict) -> str:
     """Where a checkpoint key would land in the model under the prefix rules found."""
-    n = _peft_normal(key)
+    n = _peft_normal(peft, key)
     for op, p, _ in rules:
         if op == "add":
             return p + n
@@ -926,7 +948,7 @@ def explain_load(model, checkpoint) -> LoadReport:
         incompatible = _architecture_problems(model, ck)
         view = _ModelView(model)
     model_all = set(view.keys) | set(view.nonpersistent)
-    pairs, adapters, rules, taken, ties = _align(model_all, ck.tensors)
+    pairs, adapters, rules, taken, ties, peft = _align(model_all, ck.tensors)
     if ties and not incompatible:   # one refusal is enough (a flash-attn class: the patch's own says it)
         names = ", ".join(repr(t.split(":", 1)[1]) for t in ties)
         strip = ties[0].startswith("strip:")
@@ -985,9 +1007,9 @@ def explain_load(model, checkpoint) -> LoadReport:
             continue
         t = ck.tensors[c]
         if c in adapters:
-            entries.append(_unexpected_entry(view, c, c, (t.shape, t.dtype), dominant))
+            entries.append(_unexpected_entry(view, c, c, (t.shape, t.dtype), dominant, peft))
             continue
-        entries.append(_unexpected_entry(view, c, _model_space(c, rules), (t.shape, t.dtype), dominant))
+        entries.append(_unexpected_entry(view, c, _model_space(c, rules, peft), (t.shape, t.dtype), dominant, peft))
     found = sum(1 for e in entries if e.model_key in view.keys and e.checkpoint_key)
     notes += [] if ties else _notes(view, found, list(ck.tensors))
     return LoadReport(view.name, described, entries, notes, incompatible=incompatible)

@@ -591,3 +591,32 @@ def test_inspect_builds_on_meta_in_this_thread_only(ckpts):
         stop.set()
         t.join(30)
     assert seen == {"None"}, seen
+
+
+def test_one_peft_key_parser(demo):
+    """loading and peft_keys read PEFT names with the same parser: a modules_to_save head's
+    ``original_module`` is the plain model's weight for both (it used to be an "adapter weight"
+    for explain_load), the trained copy is what only a merge puts in, tuner weights have no place."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertForSequenceClassification
+
+    from hfpatches import explain_load, peft_state_dict
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(BertForSequenceClassification(demo.tiny_bert_config()),
+                                    LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
+    sd = dict(peft_model.state_dict())
+    orig = "base_model.model.classifier.original_module.weight"
+    assert orig in sd and "base_model.model.classifier.modules_to_save.default.weight" in sd
+    plain = peft_state_dict(sd, to="plain")
+    assert plain["classifier.weight"] is sd[orig]
+    r = explain_load(meta(BertForSequenceClassification, demo.tiny_bert_config()), sd)
+    by_model = {e.model_key: e.checkpoint_key for e in r.entries if e.model_key and e.checkpoint_key}
+    assert by_model["classifier.weight"] == orig
+    unplaced = {e.checkpoint_key for e in r.by_kind("peft-wrapped") if e.model_key is None}
+    assert "base_model.model.classifier.modules_to_save.default.weight" in unplaced
+    assert orig not in unplaced
+    assert {k for k in sd if ".lora_" in k} <= unplaced

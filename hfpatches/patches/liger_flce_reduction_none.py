@@ -72,13 +72,12 @@ def _make_forward(original, names: tuple, defaults: dict):
         x, w, b = values["_input"], values["weight"], values.get("bias")
         if not (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
             return original(ctx, *args, **kwargs)     # no backward will run: outputs are exact
-        # Upstream's forward for the outputs (loss, z_loss, accuracy, ...), on detached operands so
-        # that it computes no gradient we could not use (0.6.3+: none at all; 0.5.x: grad_input
-        # only, discarded), then keep what backward needs instead of pre-summed gradients.
-        call = {**values, "_input": x.detach(), "weight": w.detach()}
-        if b is not None:
-            call["bias"] = b.detach()
-        out = original(ctx, **call)
+        # Upstream's forward for the outputs (loss, z_loss, accuracy, ...). The weight goes in
+        # detached: no V x H grad_weight is allocated or summed (it could not be used). The input
+        # cannot: 0.6.3-0.8.1 gate all of their forward on its requires_grad (and crash without
+        # it when a bias is given), so grad_input is computed and dropped. Then keep what
+        # backward needs instead of the pre-summed gradients.
+        out = original(ctx, **{**values, "weight": w.detach()})
         ctx.save_for_backward(x.detach(), w.detach(), values["target"], None if b is None else b.detach())
         setattr(ctx, SAVED, {k: values[k] for k in KEPT if k in values})
         return out

@@ -129,8 +129,19 @@ def _exact(r: dict) -> bool:
     return all(r[k] <= tol for k in ("loss", "x", "w", "b") if k in r)
 
 
+REQUIRED = [f"{c}/{p}" for c in ("plain", "no_bias", "label_smoothing", "z_loss", "chunked")
+            for p in ("module", "functional", "function")]
+
+
 def _cases(kernel, stage):
-    return {k: v for k, v in kernel[stage].items() if "error" not in v}
+    """The cases that ran. Only Triton-interpreter limits may stop one (measured: softcap on both
+    stacks -- libdevice.tanh; class weights on liger-kernel 0.8.5); the GPU suite runs those."""
+    ran = {k: v for k, v in kernel[stage].items() if "error" not in v}
+    for k, v in kernel[stage].items():
+        if "error" in v:
+            assert v["error"].startswith("InterpreterError") and k.split("/")[0] in ("softcap", "ce_weight"), (k, v)
+    assert set(REQUIRED) <= set(ran), sorted(ran)
+    return ran
 
 
 def test_unpatched_shows_wrong_gradients(stack, kernel):
@@ -138,7 +149,6 @@ def test_unpatched_shows_wrong_gradients(stack, kernel):
     grad_weight and grad_bias of sum(loss * w) are wrong by O(1) in every case and path; on
     0.8.5 (fixed upstream) they are right."""
     before = _cases(kernel, "before")
-    assert len(before) >= 16, kernel["before"]
     for case, r in before.items():
         assert r["loss"] <= ATOL * max(1.0, r["scale"]), (case, r)
         if stack == "affected":

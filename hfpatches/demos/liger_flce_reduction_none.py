@@ -138,11 +138,12 @@ def same(a: dict, b: dict) -> bool:
 
 
 # ----------------------------------------------------------------------------- model level
-def weighted_llama_step(*, liger: bool, device="cpu", dtype=None, lr=0.1, seed=0) -> dict:
+def weighted_llama_step(*, liger: bool, device="cpu", dtype=None, lr=0.1, seed=0, flce_only=True) -> dict:
     """One SGD step of a tiny Llama on a per-token weighted next-token loss.
 
-    ``liger``: ``apply_liger_kernel_to_llama()`` (fused linear cross-entropy only: Triton's CPU
-    interpreter cannot run Liger's RMSNorm/RoPE/SwiGLU kernels), and the loss is
+    ``liger``: ``apply_liger_kernel_to_llama()`` (``flce_only``: fused linear cross-entropy only --
+    Triton's CPU interpreter cannot run Liger's RMSNorm/RoPE/SwiGLU kernels; on a GPU pass False),
+    and the loss is
     ``LigerFusedLinearCrossEntropyLoss(reduction="none")`` on the decoder's hidden states and
     ``lm_head.weight`` -- Liger's model path (``LigerForCausalLMLoss``) always reduces with
     "mean" or "sum", so per-token weights go through the module. Otherwise: plain transformers'
@@ -178,7 +179,7 @@ def weighted_llama_step(*, liger: bool, device="cpu", dtype=None, lr=0.1, seed=0
         return per_token.detach()
 
     if liger:
-        with liger_forward("llama"):
+        with liger_forward("llama", flce_only=flce_only, model=None if flce_only else model):
             per_token = run()
     else:
         per_token = run()

@@ -214,14 +214,14 @@ def _child() -> None:
     before = scenario(device=device)
     res["before"] = before
     say(f"without hfpatches: max |grad_input - torch| {before['x']:.3g}, |grad_weight - torch| "
-        f"{before['w']:.3g}, |grad_bias - torch| {before['b']:.3g}  (loss {before['loss']:.2g})")
+        f"{before['w']:.3g}, |grad_bias - torch| {before['b']:.3g}; |per-token loss - torch| {before['loss']:.2g}")
     rep = hfpatches.apply(only=[PID])[PID]
     res["outcome"], res["reason"] = rep.outcome.value, rep.reason
     say(f"hfpatches.apply(): {rep.outcome.value} ({rep.reason})")
     after = scenario(device=device)
     res["after"] = after
     say(f"with hfpatches:    max |grad_input - torch| {after['x']:.3g}, |grad_weight - torch| "
-        f"{after['w']:.3g}, |grad_bias - torch| {after['b']:.3g}  (loss {after['loss']:.2g})")
+        f"{after['w']:.3g}, |grad_bias - torch| {after['b']:.3g}; |per-token loss - torch| {after['loss']:.2g}")
     hfpatches.revert([PID])
     tol = 1e-4 * max(1.0, after["scale"])
     res["ok"] = all(after[k] <= tol for k in ("loss", "x", "w", "b"))

@@ -261,11 +261,14 @@ PATCH = Patch(
     # 0.5.9-0.6.2 dropped reduction="none" (module rejects it, Function returns the sum)
     requires=("liger-kernel>=0.5.3,<0.8.2,!=0.5.9,!=0.5.10,!=0.6.0,!=0.6.1,!=0.6.2",),
     fixed_in="liger-kernel>=0.8.2",
-    # Declared on the package for forward: 0.7+ imports the module in the middle of
-    # liger_kernel.ops' __init__, so the engine must wait for the package too; 0.5.x/0.6.x import
-    # an empty package first, so it must wait for the module as well.
-    targets=(Target(OPS, f"fused_linear_cross_entropy.{CLASS}.forward", params=FORWARD_PARAMS),
-             Target(MODULE, f"{CLASS}.backward", params=("ctx", "grad_output"))),
+    # The third target is not replaced: it makes the engine also wait for the package.
+    # liger-kernel 0.7+ imports the module in the middle of liger_kernel.ops' __init__ (the
+    # module's own import hook fires too early); 0.5.x/0.6.x import an empty package first and the
+    # module later, when the package does not have it as an attribute yet (so the replaced
+    # targets resolve through the module itself).
+    targets=(Target(MODULE, f"{CLASS}.forward", params=FORWARD_PARAMS),
+             Target(MODULE, f"{CLASS}.backward", params=("ctx", "grad_output")),
+             Target(OPS, "__name__")),
     probe=probe,
     apply=apply,
     check=check,

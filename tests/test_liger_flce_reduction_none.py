@@ -223,6 +223,27 @@ def test_revert_is_exact(stack, kernel):
         assert _exact(r), r
 
 
+APPLY_FIRST_CHILD = r'''
+import json, hfpatches
+first = hfpatches.apply(only=["liger_flce_reduction_none"])["liger_flce_reduction_none"]
+import liger_kernel.transformers  # noqa: F401  (the probe runs in the import hook, real kernel)
+r = hfpatches.status()["liger_flce_reduction_none"]
+print("RESULT " + json.dumps([first.outcome.value, r.outcome.value, r.reason]))
+'''
+
+
+def test_apply_before_liger_is_imported(stack, py):
+    """``import hfpatches; apply()`` first, Liger imported afterwards: the patch attaches in the
+    import hook and its probe runs the real kernel there (interpreter)."""
+    proc = py(APPLY_FIRST_CHILD, env={"TRITON_INTERPRET": "1"}, timeout=600)
+    first, outcome, reason = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
+    assert first == "DEFERRED"
+    if stack == "affected":
+        assert (outcome, reason) == ("APPLIED", "probe found the bug; fix applied and verified")
+    else:
+        assert outcome == "NOT_AFFECTED", reason
+
+
 # ----------------------------------------------------------------------------- in process (no kernel)
 def test_probe_cannot_run_here_and_says_so(stack, F):
     """This process has no Triton interpreter (TRITON_INTERPRET unset when triton was imported)

@@ -204,7 +204,7 @@ def check() -> str | None:
 
 
 # ----------------------------------------------------------------------------- probe
-def kernel_device(torch, mod=None):
+def kernel_device(torch):
     """``(device, how)`` where Liger's Triton kernel can run in this process now, or
     ``(None, why not)``. Never initialises CUDA."""
     ce = sys.modules.get(CE_MODULE)
@@ -224,7 +224,7 @@ def probe() -> ProbeResult:
     import torch
 
     mod = sys.modules[MODULE]
-    device, how = kernel_device(torch, mod)
+    device, how = kernel_device(torch)
     if device is None:
         return ProbeResult(None, how)
     # 4 tokens (one ignored), H=4, V=8; fixed values (no RNG: the user's random stream is untouched)

@@ -148,11 +148,14 @@ class Target(Record):
 
 
 class ProbeResult(Record):
-    """A probe's verdict: ``bug_present`` and a short ``detail`` shown in the reason."""
+    """A probe's verdict: ``bug_present`` and a short ``detail`` shown in the reason.
+
+    ``bug_present=None``: the probe could not run here (say why in ``detail``); the version range
+    decides and the reason says that no probe ran (never "probe found the bug")."""
 
     __slots__ = ("bug_present", "detail")
     _defaults = {"detail": ""}
-    bug_present: bool
+    bug_present: bool | None
     detail: str
 
 

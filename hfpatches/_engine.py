@@ -289,7 +289,11 @@ class Engine:
             except Exception as e:  # a probe that cannot run is a failure we report, not hide
                 return self._set(pid, Outcome.FAILED, f"probe raised {type(e).__name__}: {e}", **kw)
             bug = before.bug_present
-            if not bug:
+            if bug is None:
+                # the probe could not run here (e.g. no device for the kernel it needs): the
+                # version range decides, and the reason says so -- never "probe found the bug"
+                blind = before.detail or "the probe could not run here"
+            elif not bug:
                 return self._set(pid, Outcome.NOT_AFFECTED, "probe: the installed code does not have the bug"
                                  + (f" ({before.detail})" if before.detail else ""), bug_present=False, **kw)
         from ._recorder import Conflict, PatchContext
@@ -314,7 +318,12 @@ class Engine:
                 self._revert_one(pid)
                 return self._set(pid, Outcome.FAILED, "verify: the probe still shows the bug after applying; "
                                  "rolled back" + (f" ({detail})" if detail else ""), bug_present=bug, **kw)
-            reason = "probe found the bug; fix applied and verified"
+            if bug is None:
+                reason = f"probe could not run ({blind}); version in range: applied, not verified by a probe"
+            elif still is None:
+                reason = f"probe found the bug; fix applied, not verified (the probe could not run again: {detail})"
+            else:
+                reason = "probe found the bug; fix applied and verified"
         else:
             reason = f"version in range; applied without probing ({_env.PROBE}=0)"
         return self._set(pid, Outcome.APPLIED, reason, bug_present=bug, **kw)

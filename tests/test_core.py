@@ -330,6 +330,21 @@ def test_probe_off_trusts_version_range(fake, monkeypatch):
     assert r.outcome == Outcome.APPLIED and "HFPATCHES_PROBE=0" in r.reason and probed == []
 
 
+def test_probe_that_cannot_run_leaves_it_to_the_version_range(fake):
+    """A probe answering ``bug_present=None`` (it could not run here, e.g. no device for the
+    kernel it needs): the patch applies on the version range and the reason says no probe ran --
+    never "probe found the bug"; outside the range it stays NOT_AFFECTED."""
+    fake.imp()
+    p = fake.patch(probe=lambda: ProbeResult(None, "no device for the kernel"))
+    r = hfpatches.apply(only=[p.id])[p.id]
+    assert r.outcome == Outcome.APPLIED and r.bug_present is None, r
+    assert "probe could not run (no device for the kernel)" in r.reason and "not verified" in r.reason, r
+    assert "found" not in r.reason and sys.modules[fake.mod].add(2, 2) == 4
+    hfpatches.revert([p.id])
+    q = fake.patch(probe=lambda: ProbeResult(None, "no device"), requires=(f"{fake.mod}>=9",))
+    assert hfpatches.apply(only=[q.id])[q.id].outcome == Outcome.NOT_AFFECTED
+
+
 # ----------------------------------------------------------------------------- selection / env
 def test_unknown_id_is_a_clear_error(fake):
     p = fake.patch()

@@ -21,21 +21,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import sys
+
+from . import _common
 
 from .meta_buffers import dtype_kw
 
 PID = "liger_flash_kwargs"
 KINDS = ("llama", "mistral", "qwen2", "gemma")
-RESPONSE_TEMPLATE = "### Answer:"
-PAIRS = [
-    ("### Question: What does a padding-free batch contain?\n### Answer:",
-     " Several sequences laid end to end, with their boundaries."),
-    ("### Question: Name a colour.\n### Answer:", " Blue, like the sky."),
-    ("### Question: Why pin library versions?\n### Answer:",
-     " So that a training image behaves the same way next year."),
-]
+RESPONSE_TEMPLATE, PAIRS = _common.RESPONSE_TEMPLATE, _common.PAIRS
 _CLASSES = {  # kind -> (config class, causal LM class) in transformers
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
@@ -432,27 +426,7 @@ def run_child(say, *, timeout: int = 300) -> dict | None:
     where the real kernel runs), relaying its SAY lines; return its RESULT."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    code = "from hfpatches.demos.liger_flash_kwargs import _child; _child()"
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    result = None
-    try:
-        for line in proc.stdout:
-            if line.startswith("SAY "):
-                say(line[4:].rstrip("\n"))
-            elif line.startswith("RESULT "):
-                result = json.loads(line[7:])
-        err = proc.stderr.read()
-        proc.wait(timeout=timeout)
-    except BaseException:
-        proc.kill()
-        raise
-    if proc.returncode != 0:
-        tail = [ln for ln in err.strip().splitlines() if ln.strip()][-3:]
-        say(f"child process failed (rc={proc.returncode}): {' | '.join(tail)}")
-    return result
+    return _common.run_child(say, "hfpatches.demos.liger_flash_kwargs", env, timeout=timeout)
 
 
 def run(say) -> bool:

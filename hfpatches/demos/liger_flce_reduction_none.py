@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
+
+from . import _common
 
 PID = "liger_flce_reduction_none"
 
@@ -240,27 +240,7 @@ def run_child(say, *, timeout: int = 600) -> dict | None:
         cuda = torch.cuda.is_available()
     if not cuda:
         env["TRITON_INTERPRET"] = "1"
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    code = "from hfpatches.demos.liger_flce_reduction_none import _child; _child()"
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    result = None
-    try:
-        for line in proc.stdout:
-            if line.startswith("SAY "):
-                say(line[4:].rstrip("\n"))
-            elif line.startswith("RESULT "):
-                result = json.loads(line[7:])
-        err = proc.stderr.read()
-        proc.wait(timeout=timeout)
-    except BaseException:
-        proc.kill()
-        raise
-    if proc.returncode != 0:
-        tail = [ln for ln in err.strip().splitlines() if ln.strip()][-3:]
-        say(f"child process failed (rc={proc.returncode}): {' | '.join(tail)}")
-    return result
+    return _common.run_child(say, "hfpatches.demos.liger_flce_reduction_none", env, timeout=timeout)
 
 
 def run(say) -> bool:

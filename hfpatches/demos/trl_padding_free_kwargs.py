@@ -12,16 +12,11 @@ from __future__ import annotations
 import contextlib
 import warnings
 
+from . import _common
+
 PID = "trl_padding_free_kwargs"
 KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-RESPONSE_TEMPLATE = "### Answer:"
-PAIRS = [
-    ("### Question: What does a padding-free batch contain?\n### Answer:",
-     " Several sequences laid end to end, with their boundaries."),
-    ("### Question: Name a colour.\n### Answer:", " Blue, like the sky."),
-    ("### Question: Why pin library versions?\n### Answer:",
-     " So that a training image behaves the same way next year."),
-]
+RESPONSE_TEMPLATE, PAIRS = _common.RESPONSE_TEMPLATE, _common.PAIRS
 
 
 def tokenizer():

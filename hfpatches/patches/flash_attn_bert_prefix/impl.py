@@ -101,7 +101,9 @@ def read_state_dict(model_name: str) -> dict:
 
 
 def _has_weights_file(model_name: str) -> bool:
-    names = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.safetensors", "model.safetensors.index.json")
+    from hfpatches.loading import BIN_INDEX, BIN_NAME, SAFE_INDEX, SAFE_NAME   # the file names, in one place
+
+    names = (BIN_NAME, BIN_INDEX, SAFE_NAME, SAFE_INDEX)
     return os.path.isdir(model_name) and any(os.path.isfile(os.path.join(model_name, n)) for n in names)
 
 

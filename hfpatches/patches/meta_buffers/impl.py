@@ -5,7 +5,8 @@ from hfpatches._declare import ProbeResult
 
 __all__ = ["UninitialisedBufferWarning", "materialize"]
 
-_LOGGER = "hfpatches.meta_buffers"
+PATCH_ID = "meta_buffers"
+_LOGGER = f"hfpatches.{PATCH_ID}"
 
 
 class UninitialisedBufferWarning(RuntimeWarning):

@@ -57,9 +57,7 @@ BAD_KINDS = ("missing-backbone", "shape-mismatch")
 SHOW = 5  # keys listed per group in the table
 HF_DOES_IT = "from_pretrained does this itself"  # in a prefix fix: transformers maps base_model_prefix
 
-SAFE_NAME, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
-BIN_NAME, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-ADAPTER_NAME = "adapter_model.safetensors"
+from ._files import ADAPTER_NAME, BIN_INDEX, BIN_NAME, SAFE_INDEX, SAFE_NAME  # noqa: E402
 LOOKED_FOR = (SAFE_NAME, SAFE_INDEX, BIN_NAME, BIN_INDEX, ADAPTER_NAME)
 
 # safetensors dtype codes -> torch names, and bytes per element

@@ -101,7 +101,7 @@ def read_state_dict(model_name: str) -> dict:
 
 
 def _has_weights_file(model_name: str) -> bool:
-    from hfpatches.loading import BIN_INDEX, BIN_NAME, SAFE_INDEX, SAFE_NAME   # the file names, in one place
+    from hfpatches._files import BIN_INDEX, BIN_NAME, SAFE_INDEX, SAFE_NAME
 
     names = (BIN_NAME, BIN_INDEX, SAFE_NAME, SAFE_INDEX)
     return os.path.isdir(model_name) and any(os.path.isfile(os.path.join(model_name, n)) for n in names)

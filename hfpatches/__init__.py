@@ -52,10 +52,13 @@ def revert(names: Iterable[str] | str | None = None) -> Report:
 
 
 def status() -> Report:
-    """What is live now. No side effects: no probe runs, nothing is imported."""
+    """What is live now, checked by identity. No probe runs, nothing is imported; the run
+    manifest (``HFPATCHES_REPORT``) is brought up to date if what is live changed behind our back."""
     from ._engine import ENGINE
 
-    return ENGINE.status()
+    report = ENGINE.status()
+    ENGINE.write_manifest()
+    return report
 
 
 class patched:

@@ -197,7 +197,6 @@ class Engine:
         self.results[patch_id] = res
         if prev != res:
             log(WARNING if res.outcome in BAD_OUTCOMES else INFO, "%s: %s (%s)", patch_id, res.outcome.value, reason)
-            self._changed = True
         return res
 
     def _live_state(self, pid: str) -> PatchResult | None:
@@ -414,13 +413,9 @@ class Engine:
             rec = self._recorder
             return [pid for pid in registry() if rec is not None and rec.live(pid)]
 
-    _changed = True
-
     def _notify(self) -> None:
-        """Tell the listeners (the run manifest) when an outcome changed since the last call."""
-        if not self._changed:
-            return
-        self._changed = False
+        """Tell the listeners (the run manifest) that outcomes may have changed; each decides
+        itself whether anything did (the manifest compares the identity-checked status)."""
         for fn in list(self.listeners):
             fn()
 
@@ -430,9 +425,14 @@ class Engine:
         raw = _env.get_path(_env.REPORT)
         if raw:
             if self.manifest is None:
+                import atexit
+
                 from ._manifest import Writer
 
                 self.manifest = Writer()
+                # the last state, checked by identity at exit: an attribute somebody restored
+                # behind our back after the last outcome change is not reported as live
+                atexit.register(self.write_manifest)
             self.manifest.write(self.status(), raw)
 
 

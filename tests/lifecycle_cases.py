@@ -188,11 +188,19 @@ def restored_behind_our_back(pid, patch, arg):
             delattr(owner, name)
     st = hfpatches.status()[pid]
     live_now = pid in ENGINE.live_ids()
+    manifest_live_restored = pid in my_record(report).get("live", [])
     again = outcome(hfpatches.apply(only=[pid]), pid)
-    with open(report) as fh:
-        manifest = json.load(fh)
     return dict(installed=ok, first=first, status=st.outcome.value, status_reason=st.reason, live=live_now,
-                again=again, manifest_live=pid in manifest.get("live", []), identity_after=same(saved))
+                again=again, manifest_live=pid in my_record(report).get("live", []),
+                manifest_live_restored=manifest_live_restored, identity_after=same(saved))
+
+
+def my_record(report: str) -> dict:
+    """This process's record under HFPATCHES_REPORT (one file per process)."""
+    from hfpatches import _manifest
+
+    records = _manifest.load(report)[0]
+    return next(r for r in records if r.get("pid") == os.getpid())
 
 
 def revert_conflict_then_original_back(pid, patch, arg):

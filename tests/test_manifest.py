@@ -206,7 +206,8 @@ def test_start_up_imports_nothing_new(tmp_path):
             "print(' '.join(sorted(m for m in sys.modules if not m.startswith('hfpatches'))))")
     without = set(_py(code).stdout.split())
     with_report = set(_py(code, {"HFPATCHES_REPORT": str(tmp_path / "h.json")}).stdout.split())
-    assert with_report == without, with_report ^ without
+    # a built-in module (atexit: the record's last state is written at exit) costs no file I/O
+    assert with_report - without <= set(sys.builtin_module_names) and without <= with_report, with_report ^ without
     assert not {"json", "tempfile", "socket", "platform", "re", "logging"} & with_report
     assert len(list((tmp_path / "h.json.d").glob("*.json"))) == 1
 
@@ -430,3 +431,14 @@ def test_record_that_is_a_fifo_is_skipped_not_read(tmp_path, capsys):
     os.mkfifo(d / "stuck.json")   # opening it would block forever
     rc, out, _ = _run(d, capsys=capsys)
     assert rc == 0 and "stuck.json: a FIFO (named pipe), not a regular file" in out, out
+
+
+def test_last_state_at_exit_is_checked_by_identity(tmp_path):
+    """A library puts back an attribute it saved before apply(), then the process ends without
+    another outcome change: the record still tells the truth (written at exit, by identity)."""
+    code = ("import torch, hfpatches; hfpatches.apply(only=['meta_buffers']); "
+            "torch.nn.Module.to_empty = hfpatches.get_original('meta_buffers')")
+    _py(code, {"HFPATCHES_REPORT": str(tmp_path / "h.json")})
+    [rec] = [json.loads(f.read_text()) for f in (tmp_path / "h.json.d").glob("*.json")]
+    assert "meta_buffers" not in rec["live"], rec
+    assert rec["patches"]["meta_buffers"]["outcome"] == "CONFLICT", rec["patches"]["meta_buffers"]

@@ -60,7 +60,7 @@ def _findable(module: str) -> bool:
     even ``importlib.util`` (it pulls contextlib & co.: several ms of the start-up budget): ask
     the ``sys.meta_path`` finders directly, as the import system does for a top-level name."""
     top = module.partition(".")[0]
-    if top in sys.modules:
+    if top in sys.modules or top in _FOUND:
         return True
     for finder in sys.meta_path:
         find = getattr(finder, "find_spec", None)
@@ -68,10 +68,14 @@ def _findable(module: str) -> bool:
             continue
         try:
             if find(top, None) is not None:
+                _FOUND.add(top)   # an installed package stays installed; an absent one is asked again
                 return True
         except (ImportError, ValueError):
             continue
     return False
+
+
+_FOUND: set[str] = set()
 
 
 def _check_requires(patch: Patch) -> tuple[Outcome | None, str, str | None, bool | None]:

@@ -19,9 +19,13 @@ every declaration at start-up costs almost nothing::
     )
 
     # hfpatches/patches/my_fix/impl.py
-    def probe() -> bool | ProbeResult: ...    # True: the installed code has the bug
+    def probe(ctx) -> bool | ProbeResult: ... # True: the installed code has the bug
     def apply(ctx) -> None: ...               # mutate only through ctx (recorded, reverted exactly)
-    def check() -> str | None: ...            # optional: a reason when the target changed shape
+    def check(ctx) -> str | None: ...         # optional: a reason when the target changed shape
+
+``probe`` and ``check`` get a read-only context (``ctx.patch``: this declaration, ``ctx.log``: the
+patch's logger, ``ctx.module(name)``, ``ctx.resolve(target)``); ``apply`` gets the same plus the
+recorded mutations (``replace``, ``wrap``, ``on_import``, ``state``, ``original``).
 
 ``scripts/new_patch.py ID`` writes that skeleton (plus docs, tests and a GPU test).
 
@@ -32,6 +36,8 @@ Fields of :class:`Patch`
   requires         PEP 508 lines, every one must hold for the patch to be in range
   fixed_in         where upstream fixed it (``"pkg>=X"``) or None
   targets          the attributes it replaces (:class:`Target`); their modules are what it waits for
+  waits_for        further modules (or packages) that must be imported completely before the
+                   patch attaches, although nothing in them is replaced
   probe, apply, check
                    callables, or None (the default): then ``probe``/``apply``/``check`` of the
                    ``impl`` module
@@ -163,25 +169,26 @@ class Patch(Record):
     """A fix, declared (see the module docstring for every field)."""
 
     __slots__ = ("id", "summary", "upstream", "requires", "fixed_in", "targets", "probe", "apply",
-                 "default_enabled", "enable_env", "check", "affected", "verified_stacks", "impl")
+                 "default_enabled", "enable_env", "check", "affected", "verified_stacks", "impl", "waits_for")
     _defaults = {"probe": None, "apply": None, "default_enabled": True, "enable_env": None, "check": None,
-                 "affected": "", "verified_stacks": STACKS, "impl": None}
+                 "affected": "", "verified_stacks": STACKS, "impl": None, "waits_for": ()}
     id: str
     summary: str
     upstream: tuple[str, ...]
     requires: tuple[str, ...]
     fixed_in: str | None
     targets: tuple[Target, ...]
-    probe: Callable[[], bool | ProbeResult] | None
+    probe: Callable[[Any], bool | ProbeResult] | None
     apply: Callable[[Any], None] | None
     default_enabled: bool
     enable_env: str | None
-    check: Callable[[], str | None] | None
+    check: Callable[[Any], str | None] | None
     affected: str
     verified_stacks: tuple[str, ...]
     impl: str | None
+    waits_for: tuple[str, ...]
 
     @property
     def modules(self) -> tuple[str, ...]:
-        """The modules the patch waits for (its targets'), in order, without repeats."""
-        return tuple(dict.fromkeys(t.module for t in self.targets))
+        """The modules the patch waits for (its targets', then ``waits_for``), in order, without repeats."""
+        return tuple(dict.fromkeys([*(t.module for t in self.targets), *self.waits_for]))

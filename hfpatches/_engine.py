@@ -119,13 +119,35 @@ def _check_shape(patch: Patch) -> str | None:
                 return f"{t.path} signature is ({', '.join(names)}), expected it to start with ({', '.join(t.params)})"
     check = implementation(patch, "check", required=False)
     if check is not None:
-        return check()  # type: ignore[no-any-return]
+        return _call(check, patch)  # type: ignore[no-any-return]
     return None
 
 
+def _call(fn: Any, patch: Patch) -> Any:
+    """``fn(ctx)`` with a read-only :class:`~hfpatches._recorder.ProbeContext` (``fn()`` for a
+    probe or check written without one)."""
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    if code is not None and code.co_argcount == 0 and not code.co_flags & 0x04:
+        return fn()
+    from ._recorder import ProbeContext
+
+    return fn(ProbeContext(patch))
+
+
 def _run_probe(patch: Patch) -> ProbeResult:
-    res = implementation(patch, "probe")()  # type: ignore[misc]
+    res = _call(implementation(patch, "probe"), patch)
     return res if isinstance(res, ProbeResult) else ProbeResult(bool(res))
+
+
+def run_probe(patch_id: str) -> ProbeResult:
+    """Run ``patch_id``'s probe now, as the engine does (tests, the version lab): the
+    installed code has the bug <=> ``bug_present``."""
+    return _run_probe(registry()[patch_id])
+
+
+def run_check(patch_id: str) -> str | None:
+    """Run ``patch_id``'s shape check now, as the engine does: None when the targets look as expected."""
+    return _check_shape(registry()[patch_id])
 
 
 class Engine:

@@ -178,7 +178,32 @@ class PatchLogger:
         _log.log(_log.WARNING, msg, *args, name=self.name)
 
 
-class PatchContext:
+class ProbeContext:
+    """What a patch's ``probe(ctx)`` and ``check(ctx)`` get: read-only.
+
+    ``patch``: the declaration (``ctx.patch.id``, its targets, its range); ``log``: the patch's
+    logger (``hfpatches.<id>``); ``module(name)``: an imported module (imports it if needed);
+    ``resolve(target)``: ``(owner, name, raw value)`` of one of the declaration's targets (a
+    :class:`~hfpatches._declare.Target` or its index in ``patch.targets``).
+    """
+
+    def __init__(self, patch: Patch) -> None:
+        self.patch = patch
+        self.log = PatchLogger(patch.id)
+
+    @property
+    def id(self) -> str:
+        return self.patch.id
+
+    def module(self, name: str) -> Any:
+        return sys.modules.get(name) or import_module(name)
+
+    def resolve(self, target: Any) -> tuple[Any, str, Any]:
+        t = self.patch.targets[target] if isinstance(target, int) else target
+        return t.resolve()  # type: ignore[no-any-return]
+
+
+class PatchContext(ProbeContext):
     """What a patch's ``apply(ctx)`` uses to change anything; every change is recorded and
     undone by ``revert()``.
 
@@ -190,9 +215,8 @@ class PatchContext:
     """
 
     def __init__(self, patch: Patch, recorder: Recorder, lock: ContextManager[Any]) -> None:
-        self.patch = patch
+        super().__init__(patch)
         self.state: dict[str, Any] = {}
-        self.log = PatchLogger(patch.id)
         self.awaited: list[str] = []
         self._rec = recorder
         self._lock = lock
@@ -206,9 +230,6 @@ class PatchContext:
         """Called by the engine on revert (or a failed apply): hooks go inert, state is dropped."""
         self._live = False
         self.state.clear()
-
-    def module(self, name: str) -> Any:
-        return sys.modules.get(name) or import_module(name)
 
     def replace(self, owner: Any, name: str, value: Any) -> Any:
         """Set ``owner.name = value``; returns the original raw value."""

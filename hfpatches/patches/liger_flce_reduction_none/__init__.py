@@ -37,15 +37,14 @@ PATCH = Patch(
     # 0.5.9-0.6.2 dropped reduction="none" (module rejects it, Function returns the sum)
     requires=("liger-kernel>=0.5.3,<0.8.2,!=0.5.9,!=0.5.10,!=0.6.0,!=0.6.1,!=0.6.2",),
     fixed_in="liger-kernel>=0.8.2",
-    # The third target is not replaced: it makes the engine also wait for the package.
-    # liger-kernel 0.7+ imports the module in the middle of liger_kernel.ops' __init__ (the
-    # module's own import hook fires too early); 0.5.x/0.6.x import an empty package first and the
-    # module later, when the package does not have it as an attribute yet (so the replaced
-    # targets resolve through the module itself).
     targets=(Target(_MODULE, "LigerFusedLinearCrossEntropyFunction.forward", params=(
                         "ctx", "_input", "weight", "target", "bias", "ce_weight", "ignore_index",
                         "lse_square_scale", "label_smoothing", "reduction", "softcap", "return_z_loss")),
-             Target(_MODULE, "LigerFusedLinearCrossEntropyFunction.backward", params=("ctx", "grad_output")),
-             Target("liger_kernel.ops", "__name__")),
+             Target(_MODULE, "LigerFusedLinearCrossEntropyFunction.backward", params=("ctx", "grad_output"))),
+    # Also wait for the package: liger-kernel 0.7+ imports the module in the middle of
+    # liger_kernel.ops' __init__ (the module's own import hook fires too early); 0.5.x/0.6.x import
+    # an empty package first and the module later, when the package does not have it as an
+    # attribute yet (so the targets resolve through the module itself).
+    waits_for=("liger_kernel.ops",),
     affected="liger-kernel 0.5.3-0.5.8, 0.6.3-0.8.1",
 )

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 pytest.importorskip("liger_kernel")
 
+from hfpatches._engine import run_check, run_probe  # noqa: E402,F401
 import hfpatches  # noqa: E402
 from hfpatches import Outcome  # noqa: E402
 from hfpatches.demos import liger_flce_reduction_none as D  # noqa: E402
@@ -90,10 +91,10 @@ def test_probe_runs_on_the_gpu_once_cuda_is_initialised():
     torch.zeros(1, device="cuda")
     if not _in_range():
         pytest.skip("liger-kernel outside the affected range: the probe is not consulted")
-    res = P.probe()
+    res = run_probe(PID)
     assert res.bug_present is True and res.detail.startswith("ran on cuda:"), res
     hfpatches.apply(only=[PID])
-    res = P.probe()
+    res = run_probe(PID)
     assert res.bug_present is False and res.detail.startswith("ran on cuda:"), res
 
 
@@ -102,7 +103,8 @@ import json, torch
 import hfpatches
 import liger_kernel.transformers  # noqa: F401
 from hfpatches.patches.liger_flce_reduction_none import impl as P
-res = P.probe()
+from hfpatches._engine import run_probe
+res = run_probe(P.PATCH_ID)
 rep = hfpatches.apply(only=[P.PATCH_ID])[P.PATCH_ID]
 print("RESULT " + json.dumps({"probe": [res.bug_present, res.detail], "outcome": rep.outcome.value,
                               "reason": rep.reason, "cuda_initialised": torch.cuda.is_initialized()}))

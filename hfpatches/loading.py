@@ -42,12 +42,15 @@ misshaped (``--model``), 2 bad input (one line on stderr naming the file; traceb
 """
 from __future__ import annotations
 
+from typing import Any
+
 import json
 import os
 import re
 import stat
 import sys
 
+from . import _bert_checkpoint as bc
 from .errors import CheckpointError, LoadError
 
 KINDS = ("matched", "dtype-differs", "prefix-mismatch", "peft-wrapped", "shape-mismatch", "tied",
@@ -99,7 +102,7 @@ def _peft_normal(names: dict, key: str) -> str:
 
 
 def _is_float(dtype: str | None) -> bool:
-    return bool(dtype) and dtype.startswith(_FLOAT)
+    return bool(dtype) and str(dtype).startswith(_FLOAT)
 
 
 def _dtype_name(dtype) -> str:
@@ -124,7 +127,7 @@ def _numel(shape) -> int:
     return n
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
@@ -458,10 +461,11 @@ def summarize(checkpoint) -> dict:
     }
 
 
-def _human_bytes(n: int) -> str:
+def _human_bytes(size: int) -> str:
+    n = float(size)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
-            return f"{n:,} B" if unit == "B" else f"{n:.2f} {unit}"
+            return f"{size:,} B" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return str(n)  # pragma: no cover
 
@@ -552,6 +556,10 @@ class LoadEntry:
                  detail=None) -> None:
         assert kind in KINDS, kind
         self.kind, self.model_key, self.checkpoint_key = kind, model_key, checkpoint_key
+        self.model_shape: Any
+        self.model_dtype: Any
+        self.checkpoint_shape: Any
+        self.checkpoint_dtype: Any
         self.model_shape, self.model_dtype = model if model else (None, None)
         self.checkpoint_shape, self.checkpoint_dtype = ckpt if ckpt else (None, None)
         self.reason, self.fix, self.detail = reason, fix, detail
@@ -1014,11 +1022,6 @@ def explain_load(model, checkpoint) -> LoadReport:
 
 
 # ---------------------------------------------------------------------------- architecture
-POSITIONS = "embeddings.position_embeddings.weight"
-# model types whose weights and forward are the same architecture under another name
-_SAME_ARCHITECTURE = ({"roberta", "xlm-roberta", "camembert"},)
-
-
 def _model_type_of(model) -> str | None:
     """The model type the class is written for (its config class's, not the instance's: a
     ``BertConfig.from_pretrained`` of a RoBERTa directory keeps ``model_type='roberta'``)."""
@@ -1027,10 +1030,6 @@ def _model_type_of(model) -> str | None:
         if isinstance(mt, str) and mt:
             return mt
     return None
-
-
-def _same_architecture(a: str, b: str) -> bool:
-    return a == b or any(a in group and b in group for group in _SAME_ARCHITECTURE)
 
 
 def _first_rows(ck: Checkpoint, key: str, n: int):
@@ -1058,13 +1057,6 @@ def _first_rows(ck: Checkpoint, key: str, n: int):
     return None
 
 
-def _zero_row(rows) -> int | None:
-    if rows is None or getattr(rows, "ndim", 0) != 2 or getattr(rows, "is_meta", False):
-        return None
-    zero = (rows == 0).all(dim=1)
-    return int(zero.nonzero()[0, 0]) if bool(zero.any()) else None
-
-
 def _architecture_problems(model, ck: Checkpoint) -> list[str]:
     """Is the checkpoint the model's architecture? From its own config.json's ``model_type`` and,
     for BERT (positions counted from 0), its position table: RoBERTa-style embeddings keep an
@@ -1073,15 +1065,15 @@ def _architecture_problems(model, ck: Checkpoint) -> list[str]:
     want, cfg = _model_type_of(model), ck.config or {}
     have = cfg.get("model_type")
     name = type(model).__name__
-    if want and isinstance(have, str) and have and not _same_architecture(have, want):
+    if want and isinstance(have, str) and have and not bc.same_architecture(have, want):
         arch = f" (architectures {cfg['architectures']})" if cfg.get("architectures") else ""
         out.append(f"{ck.config_path} says model_type {have!r}{arch}; {name} is a {want!r} model, so the weights "
                    f"would run in another architecture (transformers' from_pretrained only warns \"You are using a "
                    f"model of type {have} to instantiate a model of type {want}\") and compute other outputs. Load "
                    f"it with its own class (transformers.AutoModel / AutoModelFor...)")
     if want == "bert" and not out:
-        for key in sorted(k for k in ck.tensors if k == POSITIONS or k.endswith("." + POSITIONS)):
-            row = _zero_row(_first_rows(ck, key, 4))
+        for key in sorted(k for k in ck.tensors if k == bc.POSITIONS or k.endswith("." + bc.POSITIONS)):
+            row = bc.zero_row(_first_rows(ck, key, bc.POSITION_ROWS))
             if row is not None:
                 out.append(f"row {row} of {key} is all zeros, the padding row of RoBERTa-style embeddings, which "
                            f"count positions from padding_idx + 1 = {row + 1}; {name} counts positions from 0, "
@@ -1098,17 +1090,15 @@ def _flash_bert_view(model, ck: Checkpoint):
     (checkpoint to align, refusals, where the backbone is, a note)."""
     import torch
 
-    from .patches.flash_attn_bert_prefix import impl as fp
-
     who = (ck.source, type(model))
     keys = list(ck.tensors)
     try:
-        prefix = fp.check_bert_checkpoint(ck.source, keys, config=getattr(model, "config", None),
+        prefix = bc.check_bert_checkpoint(ck.source, keys, config=getattr(model, "config", None),
                                           config_path=ck.config_path, config_json=ck.config,
-                                          positions=lambda key: _first_rows(ck, key, fp.POSITION_ROWS),
-                                          who=fp._where(*who))
+                                          positions=lambda key: _first_rows(ck, key, bc.POSITION_ROWS),
+                                          who=bc.where(*who))
         meta = {k: torch.empty(t.shape, dtype=getattr(torch, t.dtype), device="meta") for k, t in ck.tensors.items()}
-        sd, target = fp.remap_checkpoint([meta], prefix, model.config, model, raw_keys=keys, who=who)
+        sd, target = bc.remap_checkpoint([meta], prefix, model.config, model, raw_keys=keys, who=who)
     except CheckpointError as e:
         return ck, [_one_line(e)], None, None
     mapped = Checkpoint(ck.source, ck.format, ck.files, {k: TensorInfo(v.shape, v.dtype) for k, v in sd.items()},
@@ -1167,7 +1157,7 @@ def build_meta_model(class_path: str, config_dir: str):
     if _is_flash_bert(cls):   # flash-attn's BERT classes take a transformers BertConfig (and check it)
         from transformers import BertConfig as cfg_cls
     try:
-        if cfg_cls is not None and hasattr(cfg_cls, "from_pretrained") and getattr(cfg_cls, "model_type", ""):
+        if cfg_cls is not None and hasattr(cfg_cls, "from_pretrained") and getattr(cfg_cls, "model_type", None):
             config = cfg_cls.from_pretrained(config_dir)   # what cls.from_pretrained would use
         else:
             config = AutoConfig.from_pretrained(config_dir)

@@ -133,10 +133,10 @@ def _classify(key: str, outer: str, segs: list[str], tuners, savers) -> Entry:
                          attr=_SAVE_COPY, adapter=name, tail=rest)
         if (outer, prefix) in tuners and nxt != _TUNER:
             rel_module = ".".join(prefix)
-            rest = segs[i + 1:]
+            tail = segs[i + 1:]
             # ``lora_A.<adapter>.weight`` (ModuleDict) or ``lora_embedding_A.<adapter>`` (ParameterDict)
             return Entry(key, "adapter", None, outer + rel_module, rel_module, attr=nxt,
-                         adapter=rest[0] if rest else None, tail=".".join(rest[1:]))
+                         adapter=tail[0] if tail else None, tail=".".join(tail[1:]))
     return Entry(key, "base", outer + _strip(outer, segs, tuners))
 
 

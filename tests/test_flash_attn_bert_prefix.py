@@ -83,7 +83,10 @@ def tiny_bert(tmp, *, hidden=32, layers=2, prefixed=True, name="tiny"):
 def test_probe_sees_the_bug_and_the_fix_keeps_rng(fb):
     import torch
 
-    from hfpatches.patches.flash_attn_bert_prefix.impl import probe
+    from hfpatches._engine import run_probe
+
+    def probe():
+        return run_probe(PID)
 
     state = torch.get_rng_state()
     before = probe()

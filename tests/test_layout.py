@@ -93,6 +93,16 @@ def test_patches_import_only_their_declaration_module_from_the_core():
     assert not bad, f"patch modules reach into the engine side: {bad}"
 
 
+def test_only_the_catalog_imports_patch_packages():
+    """Shared rules live in core modules (e.g. ``_bert_checkpoint``) that patches import, never the
+    other way: outside ``hfpatches.patches`` and the demos (one per patch) only the catalog and the
+    public ``hfpatches.flair`` alias import a patch package."""
+    allowed = {"hfpatches._registry", "hfpatches.flair"}
+    bad = {n: sorted(d for d in deps if d.startswith("hfpatches.patches.")) for n, deps in _graph().items()
+           if not n.startswith(("hfpatches.patches", "hfpatches.demos")) and n not in allowed}
+    assert not {n: d for n, d in bad.items() if d}, bad
+
+
 def test_declarations_do_not_import_implementations():
     graph = _graph()
     for n, deps in graph.items():

@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("liger_kernel")
 
+from hfpatches._engine import run_check, run_probe  # noqa: E402,F401
 import hfpatches  # noqa: E402
 from hfpatches.demos import liger_flash_kwargs as demo  # noqa: E402
 from hfpatches.patches.liger_flash_kwargs import impl as lfk  # noqa: E402
@@ -124,7 +125,7 @@ def test_probe_is_behavioural_and_never_reaches_triton(stack, lu, monkeypatch):
     prev = sys.gettrace()
     sys.settrace(outer)
     try:
-        before = lfk.probe()
+        before = run_probe(PID)
     finally:
         after_trace = sys.gettrace()
         sys.settrace(prev)
@@ -132,10 +133,10 @@ def test_probe_is_behavioural_and_never_reaches_triton(stack, lu, monkeypatch):
     if stack == "affected":
         assert before.bug_present and "unexpected keyword argument 'cu_seq_lens_q'" in before.detail
         _apply()
-        after = lfk.probe()
+        after = run_probe(PID)
         assert not after.bug_present and "without cu_seq_lens_q" in after.detail, after
         hfpatches.revert([PID])
-        assert lfk.probe().bug_present
+        assert run_probe(PID).bug_present
     else:  # liger 0.8.x filters in LigerForCausalLMLoss: behaviourally not affected either
         assert not before.bug_present and "without cu_seq_lens_q" in before.detail, before
     assert reached == []
@@ -144,10 +145,10 @@ def test_probe_is_behavioural_and_never_reaches_triton(stack, lu, monkeypatch):
 def test_check_rejects_a_model_module_that_captured_the_shared_name(lu, monkeypatch):
     import liger_kernel.transformers.model.llama as llama
 
-    assert lfk.check() is None
+    assert run_check(PID) is None
     monkeypatch.setattr(llama, "fixed_fused_linear_cross_entropy", lu.fixed_fused_linear_cross_entropy,
                         raising=False)
-    assert "binds fixed_fused_linear_cross_entropy by name" in lfk.check()
+    assert "binds fixed_fused_linear_cross_entropy by name" in run_check(PID)
 
 
 # ----------------------------------------------------------------------------- the filter

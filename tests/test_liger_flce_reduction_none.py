@@ -21,6 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("liger_kernel")
 
+from hfpatches._engine import run_check, run_probe  # noqa: E402,F401
 import hfpatches  # noqa: E402
 from hfpatches import Outcome  # noqa: E402
 from hfpatches.patches.liger_flce_reduction_none import impl as P  # noqa: E402
@@ -46,6 +47,7 @@ torch.set_num_threads(1)
 import hfpatches
 from hfpatches.demos import liger_flce_reduction_none as D
 from hfpatches.patches.liger_flce_reduction_none import impl as P
+from hfpatches._engine import run_probe
 import liger_kernel.transformers  # noqa: F401
 from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as F
 
@@ -73,7 +75,7 @@ def sweep():
     return out
 
 out = {}
-pr = P.probe()
+pr = run_probe(P.PATCH_ID)
 out["probe_before"] = [pr.bug_present, pr.detail]
 out["before"] = sweep()
 ms_before = D.mean_sum_identical()
@@ -251,7 +253,7 @@ def test_probe_cannot_run_here_and_says_so(stack, F):
     patch applies on the version range and its reason says so."""
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: the probe may run on it (gpu_tests cover that)")
-    res = P.probe()
+    res = run_probe(PID)
     assert res.bug_present is None and "TRITON_INTERPRET=1" in res.detail, res
     r = hfpatches.apply(only=[PID])[PID]
     if stack == "affected":
@@ -309,9 +311,9 @@ def test_check_reports_a_changed_helper(stack, F, monkeypatch):
     if stack != "affected":
         pytest.skip("the check runs only in the affected range")
     ce = sys.modules[P.CE_MODULE]
-    assert P.check() is None
+    assert run_check(PID) is None
     monkeypatch.setattr(ce, "cross_entropy_forward", lambda logits, target: None)
-    why = P.check()
+    why = run_check(PID)
     assert why and "cross_entropy_forward is (logits, target)" in why and "expected" in why
     r = hfpatches.apply(only=[PID])[PID]
     assert r.outcome == Outcome.TARGET_CHANGED and "cross_entropy_forward" in r.reason

@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from hfpatches._engine import run_check, run_probe  # noqa: E402,F401
 import hfpatches  # noqa: E402
 from hfpatches.demos import meta_buffers as demo  # noqa: E402
 from hfpatches.demos.meta_buffers import nan_for_uninitialised  # noqa: E402
@@ -70,14 +71,14 @@ class Holder(nn.Module):
 
 def test_probe_sees_the_bug_and_the_fix_and_revert_restores_identity():
     original = torch.nn.Module.__dict__["to_empty"]
-    assert mb.probe().bug_present, "torch's to_empty no longer loses non-persistent buffers: retire the patch?"
+    assert run_probe("meta_buffers").bug_present, "torch's to_empty no longer loses non-persistent buffers: retire the patch?"
     rep = _apply()
     assert rep[PID].bug_present is True
     assert torch.nn.Module.__dict__["to_empty"] is not original
-    assert not mb.probe().bug_present
+    assert not run_probe("meta_buffers").bug_present
     hfpatches.revert([PID])
     assert torch.nn.Module.__dict__["to_empty"] is original
-    assert mb.probe().bug_present
+    assert run_probe("meta_buffers").bug_present
 
 
 def test_real_buffer_kept_everything_else_as_torch_leaves_it():
@@ -412,6 +413,7 @@ import json, os, sys, warnings
 warnings.filterwarnings("ignore")
 import torch, torch.distributed as dist
 import hfpatches
+from hfpatches._engine import run_probe
 from hfpatches.demos.meta_buffers import tiny_llama_config
 from accelerate import init_empty_weights
 from transformers import LlamaForCausalLM

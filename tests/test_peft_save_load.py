@@ -17,6 +17,7 @@ import warnings
 
 import pytest
 
+from hfpatches._engine import run_check, run_probe  # noqa: E402,F401
 import hfpatches
 from hfpatches.errors import CheckpointError
 
@@ -539,10 +540,10 @@ def test_probe_apply_verify_exact_revert():
     from flair.embeddings.transformer import TransformerEmbeddings
     from flair.nn.model import DefaultClassifier, Model
 
-    from hfpatches._registry import implementation, registry
+    from hfpatches._registry import registry
 
     patch = registry()[PID]
-    probe = implementation(patch, "probe")
+    probe = lambda: run_probe(patch.id)  # noqa: E731
     before = probe()
     assert before.bug_present and "to_params() drops the PEFT config" in before.detail
     assert "bf16 predict fails" in before.detail and "mean pooling fails" in before.detail

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from hfpatches._engine import run_check, run_probe  # noqa: E402,F401
 import hfpatches
 from hfpatches.errors import CheckpointError, LoadError
 
@@ -58,10 +59,10 @@ print("OUT", hfpatches.apply()["strict_loads"].outcome.value)
 def test_probe_sees_the_silent_load_then_verifies():
     from transformers.modeling_utils import PreTrainedModel
 
-    from hfpatches._registry import implementation, registry
+    from hfpatches._registry import registry
 
     patch = registry()[PID]
-    probe = implementation(patch, "probe")
+    probe = lambda: run_probe(patch.id)  # noqa: E731
     before = probe()
     assert before.bug_present and "accepted a checkpoint without" in before.detail
     original = PreTrainedModel.__dict__["from_pretrained"]

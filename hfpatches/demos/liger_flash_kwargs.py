@@ -18,6 +18,8 @@ recorder, loss/gradient parity) that the tests, GPU tests and the benchmark use.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import contextlib
 import json
 import os
@@ -326,7 +328,7 @@ def parity(model, kind: str, batch, *, grads: bool = True, liger_first: bool = F
         res["ref_loss"], ref_grads = run()
     record("ref", seen)
     try:
-        liger_kw = {"flce_only": flce_only, "model": None if flce_only else model}
+        liger_kw: dict[str, Any] = {"flce_only": flce_only, "model": None if flce_only else model}
         with liger_forward(kind, **liger_kw):
             with keys_seen(model, keys) as seen:
                 got, res["before_error"] = _error(run)

@@ -6,6 +6,8 @@ classes, tiny configs), so tests and demo build their fixtures the same way.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import os
 import tempfile
 
@@ -41,7 +43,11 @@ def write_checkpoints(root: str) -> dict[str, str]:
     """
     import torch
     from safetensors.torch import save_file
-    from transformers import BertForMaskedLM, BertForPreTraining, BertModel, LlamaForCausalLM
+    import transformers
+
+    tf: Any = transformers  # the classes are typed as untyped lazy attributes in some releases
+    BertForMaskedLM, BertForPreTraining, BertModel, LlamaForCausalLM = (
+        tf.BertForMaskedLM, tf.BertForPreTraining, tf.BertModel, tf.LlamaForCausalLM)
 
     from hfpatches._quiet import Quiet as _Quiet
 

@@ -1,6 +1,8 @@
 """Implementation of ``liger_flash_kwargs`` (declared in ``__init__.py``; rationale in docs/patches/liger_flash_kwargs.md)."""
 from __future__ import annotations
 
+from typing import Any
+
 import contextvars
 import functools
 import sys
@@ -147,7 +149,7 @@ def _make_filter(original, own: frozenset, module_globals: dict, accepted: dict,
             return original(*args)
         return original(*args, **{k: kwargs[k] for k in keep})
 
-    fixed_fused_linear_cross_entropy.__wrapped__ = original
+    fixed_fused_linear_cross_entropy.__wrapped__ = original  # type: ignore[attr-defined]
     fixed_fused_linear_cross_entropy.__doc__ = (
         f"hfpatches {PATCH_ID}: drops FlashAttention's keywords (neither {SHARED} nor F.{CALLEE} "
         f"accepts them), honours {SHIFT} from {ENTRY}, refuses other loss keys, then calls "
@@ -304,7 +306,7 @@ def _attach_hand_off(ctx, lu) -> None:
 
 
 # ----------------------------------------------------------------------------- patch
-def apply(ctx) -> None:
+def apply(ctx: Any) -> None:
     import inspect
 
     lu = ctx.module(LOSS_UTILS)
@@ -320,7 +322,7 @@ def apply(ctx) -> None:
     _attach_hand_off(ctx, lu)
 
 
-def check() -> str | None:
+def check(ctx: Any) -> str | None:
     """Does the loss path still route through the attribute we wrap?"""
     lu = sys.modules[LOSS_UTILS]
     entry = getattr(lu, ENTRY, None)
@@ -341,7 +343,7 @@ class _Bound(Exception):
     """Raised by the probe's trace hook once the fused functional's arguments were bound."""
 
 
-def probe() -> ProbeResult:
+def probe(ctx: Any) -> ProbeResult:
     import torch
 
     lu = sys.modules[LOSS_UTILS]

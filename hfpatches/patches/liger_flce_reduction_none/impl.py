@@ -1,6 +1,8 @@
 """Implementation of ``liger_flce_reduction_none`` (declared in ``__init__.py``; rationale in docs/patches/)."""
 from __future__ import annotations
 
+from typing import Any
+
 import sys
 
 from hfpatches._declare import ProbeResult
@@ -57,7 +59,7 @@ def _make_forward(original, names: tuple, defaults: dict):
         return out
 
     setattr(forward, MARK, PATCH_ID)
-    forward.__wrapped__ = original
+    forward.__wrapped__ = original  # type: ignore[attr-defined]
     forward.__doc__ = f"hfpatches {PATCH_ID}: {CLASS}.forward; reduction='none' defers the gradients to backward."
     return forward
 
@@ -139,7 +141,7 @@ def _make_backward(original, none_path):
     return backward
 
 
-def apply(ctx) -> None:
+def apply(ctx: Any) -> None:
     import inspect
 
     mod = ctx.module(MODULE)
@@ -156,14 +158,14 @@ def apply(ctx) -> None:
     ctx.replace(cls, "backward", staticmethod(_make_backward(bwd, none_path)))
 
 
-def check() -> str | None:
+def check(ctx: Any) -> str | None:
     import inspect
 
     mod = sys.modules[MODULE]
     ce = sys.modules.get(CE_MODULE)
     cef = getattr(ce, "cross_entropy_forward", None)
     try:
-        names = tuple(inspect.signature(cef).parameters)
+        names = tuple(inspect.signature(cef).parameters)  # type: ignore[arg-type]  # None: TypeError
     except (TypeError, ValueError):
         return f"{CE_MODULE}.cross_entropy_forward not found"
     if names[:len(CE_PARAMS)] != CE_PARAMS:
@@ -194,7 +196,7 @@ def kernel_device(torch):
     return torch.device("cuda", torch.cuda.current_device()), f"cuda:{torch.cuda.current_device()}"
 
 
-def probe() -> ProbeResult:
+def probe(ctx: Any) -> ProbeResult:
     import torch
 
     mod = sys.modules[MODULE]
@@ -219,9 +221,11 @@ def probe() -> ProbeResult:
         if loss.dim() != 1:
             return ProbeResult(False, f"reduction='none' returns a {loss.dim()}-D loss here (no per-token loss)")
         loss.backward(g.to(device, torch.float32))
-    scale = max(xr.grad.abs().max().item(), wr.grad.abs().max().item())
-    dx = (xd.grad.double().cpu() - xr.grad).abs().max().item()
-    dw = (wd.grad.double().cpu() - wr.grad).abs().max().item()
+    gxr, gwr, gxd, gwd = (t.grad for t in (xr, wr, xd, wd))
+    assert gxr is not None and gwr is not None and gxd is not None and gwd is not None
+    scale = max(gxr.abs().max().item(), gwr.abs().max().item())
+    dx = (gxd.double().cpu() - gxr).abs().max().item()
+    dw = (gwd.double().cpu() - gwr).abs().max().item()
     bad = max(dx, dw) > 1e-2 * scale   # fp32 (TF32 at worst) vs fp64: ~1e-3 rel; the bug: ~1 rel
     return ProbeResult(bad, f"ran on {how}: max |d grad_input| {dx:.2g}, |d grad_weight| {dw:.2g} "
                             f"vs torch (scale {scale:.2g})")

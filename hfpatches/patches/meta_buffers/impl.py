@@ -1,6 +1,9 @@
 """Implementation of ``meta_buffers`` (declared in ``__init__.py``; rationale in docs/patches/meta_buffers.md)."""
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from hfpatches._declare import ProbeResult
 
 __all__ = ["UninitialisedBufferWarning", "materialize"]
@@ -86,7 +89,7 @@ def _to_empty(original, module, device, recurse: bool, *, explicit: bool = False
         with torch.no_grad():
             for new, old in copies:
                 new.copy_(old)
-    info = {"kept": keep, "recomputed": {}, "uninitialised": []}
+    info: dict[str, Any] = {"kept": keep, "recomputed": {}, "uninitialised": []}
     meta = [(m, n) for m, n in meta if m._buffers.get(n) is not None and not m._buffers[n].is_meta]
     if meta:
         _recompute(module, meta, info)
@@ -138,7 +141,7 @@ def _pretrained_cls():
     return getattr(mu, "PreTrainedModel", None)
 
 
-def _own_class(m) -> type:
+def _own_class(m: Any) -> Any:
     """The module's own class: FSDP2 swaps in a subclass from ``torch.distributed``; skip it."""
     return next(c for c in type(m).__mro__ if not c.__module__.startswith("torch.distributed"))
 
@@ -148,7 +151,7 @@ def _owners(root) -> dict:
     The owner is the outermost PreTrainedModel above (or equal to) the module."""
     pt = _pretrained_cls()
     out: dict = {}
-    stack = [(root, "", None)]
+    stack: list[tuple[Any, str, tuple[Any, str] | None]] = [(root, "", None)]
     while stack:
         m, name, owner = stack.pop()
         if m is None or id(m) in out:
@@ -174,8 +177,7 @@ def _recompute(root, meta: list, info: dict) -> None:
             recipes += [("class constructor", _via_constructor), ("position/token_type ids", _via_ids)]
         if owner is not None:
             rel = qual[len(owner[1]) + 1:] if owner[1] else qual
-            recipes.append(("rebuild from config",
-                            lambda m, names, owner=owner[0], rel=rel: _via_rebuild(owner, rel, m, names, rebuilt)))
+            recipes.append(("rebuild from config", functools.partial(_via_owner, owner[0], rel, rebuilt)))
         for label, recipe in recipes:
             todo = [n for n in names if n not in values]
             if not todo:
@@ -212,7 +214,7 @@ def _fix_rope_alias(m) -> None:
         m.__dict__["original_inv_freq"] = inv
 
 
-def _take(skeleton_module, m, names, replay) -> dict:
+def _take(skeleton_module: Any, m: Any, names: list[str], replay: Any) -> dict:
     """The buffers ``names`` of the rebuilt counterpart of ``m``, only where the counterpart is the
     same class and holds each as a non-persistent buffer (anything the user changed is refused)."""
     if skeleton_module is None or type(skeleton_module) is not _own_class(m):
@@ -221,6 +223,11 @@ def _take(skeleton_module, m, names, replay) -> dict:
     want = [bufs[n] for n in names if bufs.get(n) is not None and n in skeleton_module._non_persistent_buffers_set]
     real = replay(want)
     return {n: real.get(id(bufs[n])) for n in names if bufs.get(n) is not None and id(bufs[n]) in real}
+
+
+def _via_owner(owner: Any, rel: str, cache: dict, m: Any, names: list[str]) -> dict:
+    """The "rebuild from config" recipe bound to one owner (``functools.partial``)."""
+    return _via_rebuild(owner, rel, m, names, cache)
 
 
 def _via_rebuild(owner, rel: str, m, names, cache: dict) -> dict:
@@ -258,7 +265,8 @@ def _via_constructor(m, names) -> dict:
     if (not cls.__module__.startswith("transformers.") or cfg_cls is None or not isinstance(config, cfg_cls)
             or (_pretrained_cls() is not None and isinstance(m, _pretrained_cls()))):
         return {}
-    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    init: Any = cls.__init__
+    params = list(inspect.signature(init).parameters.values())[1:]
     if not params or params[0].name != "config" or any(
             p.name != "device" or p.default is not None for p in params[1:]):
         return {}
@@ -288,7 +296,8 @@ def _via_ids(m, names) -> dict:
     n = getattr(pe, "num_embeddings", None)
     if not cls.__module__.startswith("transformers.") or not isinstance(n, int):
         return {}
-    src = "".join(inspect.getsource(cls.__init__).split())
+    init: Any = cls.__init__
+    src = "".join(inspect.getsource(init).split())
     out = {}
     for name in names:
         t = m._buffers[name]
@@ -463,7 +472,7 @@ class _Recording:
 _probe_calls = 0
 
 
-def probe() -> ProbeResult:
+def probe(ctx: Any) -> ProbeResult:
     import torch
 
     global _probe_calls
@@ -472,12 +481,13 @@ def probe() -> ProbeResult:
     want = torch.arange(64, dtype=torch.float64) + (_probe_calls * 1000.25 + 7.0)
     m.register_buffer("probe", want.clone(), persistent=False)
     m.to_empty(device="cpu")
-    kept = torch.equal(m.probe, want)
+    got: Any = m.probe
+    kept = torch.equal(got, want)
     return ProbeResult(not kept, "a non-persistent buffer's values after Module.to_empty(device='cpu'): "
                        + ("kept" if kept else "lost (uninitialised memory)"))
 
 
-def apply(ctx) -> None:
+def apply(ctx: Any) -> None:
     import functools
 
     module_cls = ctx.module("torch.nn.modules.module").Module

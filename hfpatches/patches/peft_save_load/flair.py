@@ -51,6 +51,8 @@ be used for this peek. Load only model files you trust, as with flair itself.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import contextlib
 import contextvars
 import copy
@@ -257,7 +259,8 @@ class ModelFileInfo:
     __slots__ = ("path", "format", "_data", "_strings")
 
     def __init__(self, path, format, data: bytes = b""):
-        self.path, self.format, self._data, self._strings = path, format, data, None
+        self.path, self.format, self._data = path, format, data
+        self._strings: list[str] | None = None
 
     def strings(self) -> list[str]:
         """Every text constant of the pickle (keys, names), by walking its opcodes: parsed, never run."""
@@ -338,7 +341,7 @@ class FileCheck:
         self.path = os.fspath(path)
         self.info, self._members = _scan(self.path)
         self._error: BaseException | None = None
-        self._thread = None
+        self._thread: Any = None
 
     def start(self) -> FileCheck:
         import threading

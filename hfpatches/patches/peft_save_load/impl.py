@@ -1,6 +1,8 @@
 """Implementation of ``peft_save_load`` (declared in ``__init__.py``; rationale in docs/patches/peft_save_load.md)."""
 from __future__ import annotations
 
+from typing import Any
+
 from hfpatches._declare import ProbeResult
 from hfpatches._quiet import Quiet
 
@@ -140,7 +142,7 @@ def _compute_owners(nn_model):
     return sorted(out, key=lambda cn: (cn[0].__module__, cn[0].__qualname__, cn[1]))
 
 
-def apply(ctx) -> None:
+def apply(ctx: Any) -> None:
     tr = ctx.module(TRANSFORMER)
     nn_model = ctx.module(NN_MODEL)
     ctx.wrap(tr.TransformerEmbeddings, "to_params", _to_params)
@@ -190,7 +192,7 @@ def _tiny_embedding():
     return emb
 
 
-def probe() -> ProbeResult:
+def probe(ctx: Any) -> ProbeResult:
     import sys
 
     import torch

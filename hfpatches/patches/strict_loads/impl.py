@@ -1,6 +1,8 @@
 """Implementation of ``strict_loads`` (declared in ``__init__.py``; rationale in docs/patches/strict_loads.md)."""
 from __future__ import annotations
 
+from typing import Any
+
 import sys
 
 from hfpatches._declare import ProbeResult
@@ -29,12 +31,12 @@ def _strict_from_pretrained(wrapped, instance, args, kwargs):
     return (model, info) if want_info else model
 
 
-def apply(ctx) -> None:
+def apply(ctx: Any) -> None:
     mu = ctx.module(MODULE)
     ctx.wrap(mu.PreTrainedModel, "from_pretrained", _strict_from_pretrained)
 
 
-def probe() -> ProbeResult:
+def probe(ctx: Any) -> ProbeResult:
     """A tiny model class built here from ``PreTrainedModel`` / ``PretrainedConfig`` only: those
     modules are complete whenever this runs, while a model module such as ``modeling_bert`` may
     be half-imported (the user's first import can be ``from transformers import BertModel``)."""
@@ -52,7 +54,9 @@ def probe() -> ProbeResult:
     class ProbeConfig(PretrainedConfig):
         model_type = "hfpatches_strict_probe"
 
-    class ProbeModel(mu.PreTrainedModel):
+    base: Any = mu.PreTrainedModel
+
+    class ProbeModel(base):  # type: ignore[valid-type,misc]
         config_class = ProbeConfig
         base_model_prefix = "probe"
 

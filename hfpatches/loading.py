@@ -42,13 +42,12 @@ misshaped (``--model``), 2 bad input (one line on stderr naming the file; traceb
 """
 from __future__ import annotations
 
-from typing import Any
-
 import json
 import os
 import re
 import stat
 import sys
+from typing import Any
 
 from . import _bert_checkpoint as bc
 from .errors import CheckpointError, LoadError
@@ -61,6 +60,7 @@ SHOW = 5  # keys listed per group in the table
 HF_DOES_IT = "from_pretrained does this itself"  # in a prefix fix: transformers maps base_model_prefix
 
 from ._files import ADAPTER_NAME, BIN_INDEX, BIN_NAME, SAFE_INDEX, SAFE_NAME  # noqa: E402
+
 LOOKED_FOR = (SAFE_NAME, SAFE_INDEX, BIN_NAME, BIN_INDEX, ADAPTER_NAME)
 
 # safetensors dtype codes -> torch names, and bytes per element

@@ -132,6 +132,8 @@ def test_every_patch_has_short_docs_and_rationale():
 def test_scaffold_adds_a_patch_without_touching_the_core(tmp_path):
     """scripts/new_patch.py writes a patch the registry discovers; no core file changes."""
     import hashlib
+    import json
+    import os
     import shutil
     import subprocess
     import sys
@@ -146,11 +148,18 @@ def test_scaffold_adds_a_patch_without_touching_the_core(tmp_path):
              for p in (tmp_path / "hfpatches").rglob("*.py")}
     changed = [str(p) for p in before if after.get(p) != before[p]]
     assert not changed, changed
-    code = ("import hfpatches, json; r = hfpatches.apply(only=['trivial_fix']);"
-            "print(json.dumps(r['trivial_fix'].to_dict()))")
+    code = ("import hfpatches, json; d = hfpatches.apply()['trivial_fix']; r = hfpatches.apply(only=['trivial_fix']);"
+            "print(json.dumps([d.to_dict(), r['trivial_fix'].to_dict()]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path), "PATH": ""},
                          check=True, capture_output=True, text=True).stdout
-    assert '"NOT_INSTALLED"' in out, out     # somepkg is not installed: honest, nothing touched
-    assert (tmp_path / "docs" / "patches" / "trivial_fix.md").is_file()
-    assert (tmp_path / "tests" / "test_trivial_fix.py").is_file()
-    assert (tmp_path / "gpu_tests" / "test_trivial_fix.py").is_file()
+    default, chosen = json.loads(out)
+    assert default["outcome"] == "DISABLED" and "opt-in" in default["reason"], default   # starts opt-in
+    assert chosen["outcome"] == "NOT_INSTALLED", chosen     # somepkg is not installed: honest, nothing touched
+    for rel in ("docs/patches/trivial_fix.md", "scripts/lab/trivial_fix.py", "hfpatches/demos/trivial_fix.py",
+                "tests/test_trivial_fix.py", "gpu_tests/test_trivial_fix.py"):
+        assert (tmp_path / rel).is_file(), rel
+    # the generated tests fail until the work is done (none of them passes or skips)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                          "-o", "addopts=", str(tmp_path / "tests" / "test_trivial_fix.py")],
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True)
+    assert run.returncode == 1 and "2 failed" in run.stdout, run.stdout[-2000:]

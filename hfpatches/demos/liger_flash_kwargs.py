@@ -18,15 +18,13 @@ recorder, loss/gradient parity) that the tests, GPU tests and the benchmark use.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import contextlib
 import json
 import os
 import sys
+from typing import Any
 
 from . import _common
-
 from .meta_buffers import dtype_kw
 
 PID = "liger_flash_kwargs"

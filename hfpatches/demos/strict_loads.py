@@ -6,10 +6,9 @@ classes, tiny configs), so tests and demo build their fixtures the same way.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import os
 import tempfile
+from typing import Any
 
 PID = "strict_loads"
 
@@ -42,8 +41,8 @@ def write_checkpoints(root: str) -> dict[str, str]:
     ``peft``         BertModel under LoRA (r=4, query/value): the full PEFT state dict + the config
     """
     import torch
-    from safetensors.torch import save_file
     import transformers
+    from safetensors.torch import save_file
 
     tf: Any = transformers  # the classes are typed as untyped lazy attributes in some releases
     BertForMaskedLM, BertForPreTraining, BertModel, LlamaForCausalLM = (

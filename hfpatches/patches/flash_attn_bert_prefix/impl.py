@@ -5,12 +5,22 @@ import os
 import sys
 from typing import Any
 
-from hfpatches._bert_checkpoint import (ANCHOR, MODULE, POSITION_ROWS, Plan, check_bert_checkpoint, checkpoint_config,
-                                        likely_cause, load_error, remap_checkpoint, show, where)
+from hfpatches._bert_checkpoint import (
+    ANCHOR,
+    MODULE,
+    POSITION_ROWS,
+    Plan,
+    check_bert_checkpoint,
+    checkpoint_config,
+    likely_cause,
+    load_error,
+    remap_checkpoint,
+    show,
+    where,
+)
 from hfpatches._declare import ProbeResult
 
 from . import PATCH
-
 
 # ----------------------------------------------------------------------------- reading
 _bin_safety: dict = {}  # state_dict_from_pretrained function -> passes weights_only=True?

@@ -1,17 +1,18 @@
 """Implementation of ``liger_flash_kwargs`` (declared in ``__init__.py``; rationale in docs/patches/liger_flash_kwargs.md)."""
 from __future__ import annotations
 
-from typing import Any
-
 import contextvars
 import functools
 import sys
+from typing import Any
 
 from hfpatches._declare import ProbeResult
 
+from . import PATCH
+
 __all__ = ["flash_keys", "malformed"]
 
-PATCH_ID = "liger_flash_kwargs"
+PATCH_ID = PATCH.id
 PACKAGE = "liger_kernel.transformers"
 LOSS_UTILS = "liger_kernel.transformers.model.loss_utils"
 MONKEY_PATCH = "liger_kernel.transformers.monkey_patch"

@@ -1,17 +1,18 @@
 """Implementation of ``liger_flce_reduction_none`` (declared in ``__init__.py``; rationale in docs/patches/)."""
 from __future__ import annotations
 
-from typing import Any
-
 import sys
+from typing import Any
 
 from hfpatches._declare import ProbeResult
 
+from . import PATCH
+
 __all__ = ["chunk_size", "kernel_device"]
 
-PATCH_ID = "liger_flce_reduction_none"
-OPS = "liger_kernel.ops"
-MODULE = "liger_kernel.ops.fused_linear_cross_entropy"
+PATCH_ID = PATCH.id
+OPS = PATCH.waits_for[0]
+MODULE = PATCH.targets[0].module
 CE_MODULE = "liger_kernel.ops.cross_entropy"
 CLASS = "LigerFusedLinearCrossEntropyFunction"
 MARK = "__hfpatches_patch__"          # set on our replacement functions (how the probe says "fix live")

@@ -6,10 +6,12 @@ from typing import Any
 
 from hfpatches._declare import ProbeResult
 
+from . import PATCH
+
 __all__ = ["UninitialisedBufferWarning", "materialize"]
 
-PATCH_ID = "meta_buffers"
-_LOGGER = f"hfpatches.{PATCH_ID}"
+PATCH_ID = PATCH.id
+_LOGGER = f"hfpatches.{PATCH_ID}"   # ctx.log's name: the recording runs outside apply(ctx)
 
 
 class UninitialisedBufferWarning(RuntimeWarning):

@@ -51,8 +51,6 @@ be used for this peek. Load only model files you trust, as with flair itself.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import contextlib
 import contextvars
 import copy
@@ -60,6 +58,7 @@ import os
 import pickletools
 import stat
 import zipfile
+from typing import Any
 
 from hfpatches import _env
 from hfpatches.errors import CheckpointError

@@ -6,10 +6,10 @@ from typing import Any
 from hfpatches._declare import ProbeResult
 from hfpatches._quiet import Quiet
 
-PATCH_ID = "peft_save_load"
-TRANSFORMER = "flair.embeddings.transformer"
-NN_MODEL = "flair.nn.model"
-TAGGER = "flair.models.sequence_tagger_model"
+from . import PATCH
+
+PATCH_ID = PATCH.id
+TRANSFORMER, NN_MODEL, TAGGER = PATCH.modules
 _COMPUTE = ("predict", "forward_loss")
 
 
@@ -77,8 +77,8 @@ def _load(wrapped, cls, args, kwargs):
     import os
 
     from hfpatches.errors import CheckpointError
-    from .flair import (_STATE_DICT_ERROR, FileCheck, check_state, legacy_message, loading_file, state_dict_error,
-                         unify_dtype)
+
+    from .flair import _STATE_DICT_ERROR, FileCheck, check_state, legacy_message, loading_file, state_dict_error, unify_dtype
 
     src = args[0] if args else kwargs.get("model_path")
     check = None

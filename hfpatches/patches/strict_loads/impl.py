@@ -1,14 +1,15 @@
 """Implementation of ``strict_loads`` (declared in ``__init__.py``; rationale in docs/patches/strict_loads.md)."""
 from __future__ import annotations
 
-from typing import Any
-
 import sys
+from typing import Any
 
 from hfpatches._declare import ProbeResult
 
-PATCH_ID = "strict_loads"
-MODULE = "transformers.modeling_utils"
+from . import PATCH
+
+PATCH_ID = PATCH.id
+MODULE = PATCH.modules[0]
 DROPPED = "layer.weight"
 
 

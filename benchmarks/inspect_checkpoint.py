@@ -4,7 +4,7 @@ Generates a ~1 GB sharded safetensors checkpoint (a Llama-shaped layout: embeddi
 q/k/v/o + gate/up/down + two norms, fp32, 5 shards + ``model.safetensors.index.json``) in a temporary
 directory, then in one run, in this process:
 
-1. ``inspect`` - ``hfpatches.loading.inspect_main`` exactly as ``python -m hfpatches inspect DIR``
+1. ``inspect`` - ``hfpatches._inspect.inspect_main`` exactly as ``python -m hfpatches inspect DIR``
    calls it (output discarded) - timed, with the RSS growth (VmRSS) around it;
 2. ``safetensors.torch.load_file`` on every shard - timed, RSS growth shown for contrast. safetensors
    0.8's default backend memory-maps the file and returns lazily paged tensors (load_file itself
@@ -100,7 +100,7 @@ def main() -> int:
         import gc
 
         gc.collect()
-        from hfpatches.loading import inspect_main
+        from hfpatches._inspect import inspect_main
 
         args = argparse.Namespace(checkpoint=root, model=None, config=None, json=False, debug=False)
         r0 = rss()

@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return _demo.main(args.only)
     if args.cmd == "inspect":
-        from . import loading
+        from . import _inspect
 
-        return loading.inspect_main(args)
+        return _inspect.inspect_main(args)
     if args.cmd == "report":
         from ._manifest import report_main
 

@@ -337,3 +337,8 @@ def cause_for_layers(raw_keys, config, whole=()) -> str:
     return "the checkpoint's attention weights are not named like a transformers BERT's (attention.self.query/key/value)"
 
 
+def is_flash_bert(cls: object) -> bool:
+    """One of flash-attn's BERT classes (or a subclass): loads go through ``flash_attn_bert_prefix``."""
+    fb = sys.modules.get(MODULE)
+    base = getattr(fb, "BertPreTrainedModel", None) if fb is not None else None
+    return isinstance(cls, type) and base is not None and issubclass(cls, base)

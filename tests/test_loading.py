@@ -422,7 +422,7 @@ def test_inspect_with_model(ckpts, capsys):
 
 
 def test_meta_model_has_no_weight_memory(ckpts):
-    from hfpatches.loading import build_meta_model
+    from hfpatches._inspect import build_meta_model
 
     for cls in ("transformers.LlamaForCausalLM", "transformers.AutoModelForCausalLM"):
         model = build_meta_model(cls, ckpts["llama"])
@@ -574,7 +574,7 @@ def test_inspect_builds_on_meta_in_this_thread_only(ckpts):
 
     import torch
 
-    from hfpatches.loading import build_meta_model
+    from hfpatches._inspect import build_meta_model
 
     seen, stop = set(), threading.Event()
 

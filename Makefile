@@ -5,7 +5,7 @@ L := .venvs/latest/bin/python
 export HFPATCHES_CACHE := $(CURDIR)/.cache
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test lint test-affected test-latest gpu-test bench matrix wheel
+.PHONY: setup demo test lint test-affected test-latest gpu-test bench matrix wheel lab
 
 setup:
 	bash scripts/setup_env.sh affected
@@ -41,3 +41,7 @@ bench: setup
 
 matrix:
 	$(A) scripts/matrix.py --write
+
+## the version lab: every scripts/lab/<id>.py on its releases, tables into docs/patches (downloads; not in `make test`)
+lab: setup
+	$(A) scripts/version_lab.py --all --write

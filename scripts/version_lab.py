@@ -329,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("patch_id", nargs="?")
     ap.add_argument("--all", action="store_true", help="every scripts/lab/<id>.py, as its LAB_RUNS say")
+    ap.add_argument("--only", default="", help="with --all: these ids only (comma list)")
     ap.add_argument("--package", help="the PyPI package whose release varies (default: from requires)")
     ap.add_argument("--versions", help="comma list of releases, or a PEP 440 specifier")
     ap.add_argument("--stack", default="affected", help="the venv the overlays go on (.venvs/<stack>)")
@@ -418,7 +419,7 @@ def lab_runs(patch_id: str) -> list[dict[str, Any]]:
 def run_all(args: argparse.Namespace) -> int:
     failed = []
     for f in sorted(LAB.glob("*.py")):
-        if f.name.startswith("_"):
+        if f.name.startswith("_") or (args.only and f.stem not in args.only.split(",")):
             continue
         for run in lab_runs(f.stem):
             argv = [f.stem, "--stack", run.get("stack", args.stack), "--timeout", str(args.timeout)]

@@ -4,7 +4,8 @@
 Writes (and never overwrites):
   hfpatches/patches/ID/__init__.py   the declaration + the short user docstring
   hfpatches/patches/ID/impl.py       probe / apply (/ check)
-  docs/patches/ID.md                 the rationale and the affected-range table
+  docs/patches/ID.md                 the rationale and the ``## Versions checked`` table
+  scripts/lab/ID.py                  the reproduction the version lab runs per release
   tests/test_ID.py                   CPU tests (bug shown unpatched, fixed patched, revert exact)
   gpu_tests/test_ID.py               CUDA tests (skip cleanly without CUDA)
 No core file changes: the registry discovers the package. Then follow CONTRIBUTING.md.
@@ -66,13 +67,30 @@ def apply(ctx) -> None:
 DOCS = '''# `{id}` — design notes
 
 ## The bug
-## Affected versions (installed and run)
-| release | scenario result |
-|---|---|
+## Versions checked
+
+Written by `python scripts/version_lab.py {id} --versions ... --write` (tests/test_ranges.py
+checks `requires`/`fixed_in` against it: at least 4 releases, both sides of every boundary).
+
+| package | release | bug present (measured) | probe said | with the patch | checked |
+|---|---|---|---|---|---|
 ## Upstream
 ## Probe
 ## The fix, and why this way
 ## Limits
+'''
+
+LAB = '''"""Lab reproduction for ``{id}``: the bug scenario on whatever is installed (run by
+scripts/version_lab.py in a fresh interpreter per release; never applies hfpatches itself)."""
+from __future__ import annotations
+
+# how `make lab` reruns this table: one dict per lab run (keys: package, versions, stack, with)
+LAB_RUNS = [{"versions": "X.Y.Z,X.Y.Z"}]
+
+
+def reproduce() -> tuple[bool | None, str]:
+    """(bug present?, a short measured detail); (None, why) when it cannot run here."""
+    raise NotImplementedError
 '''
 
 TEST = '''"""CPU tests of ``{id}``: the bug shown unpatched, fixed patched, exact revert."""
@@ -123,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         root / "hfpatches" / "patches" / pid / "__init__.py": DECL,
         root / "hfpatches" / "patches" / pid / "impl.py": IMPL,
         root / "docs" / "patches" / f"{pid}.md": DOCS,
+        root / "scripts" / "lab" / f"{pid}.py": LAB,
         root / "tests" / f"test_{pid}.py": TEST,
         root / "gpu_tests" / f"test_{pid}.py": GPU,
     }

@@ -1,4 +1,5 @@
-"""Shared fixtures for the CPU suite (runs unchanged on both stacks: .venvs/affected, .venvs/latest)."""
+"""Shared fixtures for the CPU suite (runs unchanged on every stack: .venvs/<stack> for each name in
+``hfpatches._declare.STACKS``)."""
 from __future__ import annotations
 
 import os
@@ -39,10 +40,19 @@ def _version(dist: str) -> str | None:
         return None
 
 
+_STACK_ENV = "HFPATCHES_TEST_STACK"  # set by the Makefile; tests only (not a user switch)
+
+
 def current_stack() -> str:
-    """'affected' or 'latest', from the installed transformers (4.51.3 is the affected pin)."""
-    v = _version("transformers") or ""
-    return "affected" if v.startswith("4.51.") else "latest"
+    """The stack under test (a name in ``_declare.STACKS``): ``$HFPATCHES_TEST_STACK`` (the Makefile
+    exports it), else the name of the venv this interpreter runs in (``.venvs/<stack>``). Tests that
+    depend on what is installed should ask the installed versions, not this name."""
+    from hfpatches._declare import STACKS
+
+    name = os.environ.get(_STACK_ENV) or Path(sys.prefix).name
+    if os.environ.get(_STACK_ENV) and name not in STACKS:
+        raise RuntimeError(f"{_STACK_ENV}={name!r} is none of {STACKS}")
+    return name  # another venv (not one of ours): its own name, so no stack-specific test claims it
 
 
 @pytest.fixture(scope="session")

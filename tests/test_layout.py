@@ -143,4 +143,6 @@ def test_scaffold_adds_a_patch_without_touching_the_core(tmp_path):
     assert '"NOT_INSTALLED"' in out, out     # somepkg is not installed: honest, nothing touched
     assert (tmp_path / "docs" / "patches" / "trivial_fix.md").is_file()
     assert (tmp_path / "tests" / "test_trivial_fix.py").is_file()
+    assert (tmp_path / "scripts" / "lab" / "trivial_fix.py").is_file()
+    assert "## Versions checked" in (tmp_path / "docs" / "patches" / "trivial_fix.md").read_text()
     assert (tmp_path / "gpu_tests" / "test_trivial_fix.py").is_file()

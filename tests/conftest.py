@@ -60,6 +60,30 @@ def stack() -> str:
     return current_stack()
 
 
+def in_range(patch_id: str) -> bool:
+    """The installed versions satisfy every ``requires`` line of ``patch_id`` (the bug's range).
+    Tests that expect the bug on one stack and not on another decide by this, not by the stack's
+    name (the boundary stack sits on one side or the other, patch by patch)."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from hfpatches._registry import registry
+
+    for line in registry()[patch_id].requires:
+        req = Requirement(line)
+        v = _version(req.name)
+        if v is None or not req.specifier.contains(Version(v), prereleases=True):
+            return False
+    return True
+
+
+def range_stack(patch_id: str) -> str:
+    """'affected' where ``patch_id``'s bug range holds for the installed versions, else 'latest':
+    for test modules written against the two original stacks (they override the ``stack``
+    fixture with this, so the boundary stack gets the expectations its versions call for)."""
+    return "affected" if in_range(patch_id) else "latest"
+
+
 def pytest_report_header(config):
     from hfpatches._doctor import STACK
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 # both sides of 0.16.0 (the collator's FlashAttention keys) and 0.20 (the collator removed)
 LAB_RUNS = [{"versions": "0.15.2,0.16.0,0.17.0,0.18.1,0.19.1"},
-            {"versions": "0.20.0,0.21.0", "with": ["transformers==4.56.2"]}]
+            {"versions": "0.19.1,0.20.0,0.21.0", "stack": "boundary"}]   # transformers 4.56.2
 
 
 def reproduce() -> tuple[bool | None, str]:

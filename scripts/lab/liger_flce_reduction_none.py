@@ -26,4 +26,4 @@ def reproduce() -> tuple[bool | None, str]:
 
 
 # both sides of 0.5.3 (reduction="none" added), 0.5.9 and 0.6.3 (dropped, back), 0.8.2 (fixed)
-LAB_RUNS = [{"versions": "0.5.2,0.5.3,0.5.6,0.5.7,0.5.8,0.5.9,0.6.2,0.6.3,0.8.1,0.8.2,0.8.5"}]
+LAB_RUNS = [{"versions": "0.5.2,0.5.3,0.5.6,0.5.7,0.5.8,0.5.9,0.5.10,0.6.0,0.6.1,0.6.2,0.6.3,0.8.1,0.8.2,0.8.5"}]

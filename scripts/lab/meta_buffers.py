@@ -6,7 +6,8 @@ from __future__ import annotations
 
 # transformers releases beside the tokenizers each needs: 4.46 (0.20), 4.51/4.55 (affected stack's
 # 0.21), 4.56/4.57 (boundary stack's 0.22); 5.x on the latest stack
-LAB_RUNS = [{"versions": "4.46.0", "with": ["tokenizers==0.20.3"]},
+LAB_RUNS = [{"versions": "3.5.1"},   # below requires' transformers>=4.0 (does it even import?)
+            {"versions": "4.46.0", "with": ["tokenizers==0.20.3"]},
             {"versions": "4.51.3,4.55.0"},
             {"versions": "4.56.2,4.57.6", "stack": "boundary"},
             {"versions": "5.0.0,5.23.0", "stack": "latest"}]

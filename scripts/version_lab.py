@@ -246,9 +246,9 @@ try:
         for m in patch.modules:
             importlib.import_module(m)
         importable = True
-    except ImportError as e:
+    except Exception as e:  # ImportError, or a release that breaks at import beside this torch
         importable = False
-        res["notes"].append(f"probe: target not importable ({e})")
+        res["notes"].append(f"probe: target not importable ({type(e).__name__}: {str(e)[:120]})")
     if importable:
         try:
             pr = run_probe(pid)
@@ -290,9 +290,15 @@ def run_release(py: str, patch_id: str, package: str, version: str, paths: list[
         if ln.startswith("LABRESULT "):
             res = json.loads(ln[len("LABRESULT "):])
     if not res or res.get("fixed") is None and res.get("outcome") is None:
-        tail = [ln for ln in err.strip().splitlines() if ln.strip()][-1:] or [why]
-        res = {**res, "crash": f"{why}: {tail[0][:160]}"}
+        tail = [ln for ln in err.strip().splitlines() if ln.strip()][-1:]
+        res = {**res, "crash": f"{why}: {tail[0][:160]}" if tail else why}
     return res
+
+
+def _short(cell: str, n: int = 90) -> str:
+    """A table cell: no pipes, one line, at most ``n`` characters."""
+    cell = " ".join(cell.replace("|", "/").split())
+    return cell if len(cell) <= n else cell[: n - 3].rstrip() + "..."
 
 
 def row(package: str, version: str, res: dict[str, Any], today: str) -> dict[str, str]:
@@ -300,11 +306,11 @@ def row(package: str, version: str, res: dict[str, Any], today: str) -> dict[str
         return {True: "yes", False: "no"}.get(b, "") if isinstance(b, bool) else ""
 
     if "install" in res:
-        return dict(package=package, release=version, bug=f"n/a: {res['install']}", probe="-", patched="-", checked=today)
+        return dict(package=package, release=version, bug=_short(f"n/a: {res['install']}"), probe="-", patched="-", checked=today)
     if res.get("release") != version:
         why = f"n/a: {package} {res.get('release')} imported instead of {version}" if res.get("release") else \
             f"n/a: {res.get('crash', 'did not run')}"
-        return dict(package=package, release=version, bug=why, probe="-", patched="-", checked=today)
+        return dict(package=package, release=version, bug=_short(why), probe="-", patched="-", checked=today)
     bug = res.get("bug")
     notes = res.get("notes") or []
     if isinstance(bug, bool):
@@ -312,10 +318,10 @@ def row(package: str, version: str, res: dict[str, Any], today: str) -> dict[str
     else:
         detail = next((n.split(": ", 1)[1] for n in notes if n.startswith("unpatched:")), None)
         bug_w = f"n/a: {detail or res.get('crash', 'reproduction did not run')}"
-    bug_w = bug_w.replace("|", "/")
+    bug_w = _short(bug_w)
     outcome = res.get("outcome")
     if outcome is None:
-        patched = f"n/a: {res.get('crash', 'apply did not run')}".replace("|", "/")
+        patched = _short(f"n/a: {res.get('crash', 'apply did not run')}")
     else:
         patched = outcome + (", fixed" if bug is True and res.get("fixed") is False else "")
     return dict(package=package, release=version, bug=bug_w, probe=res.get("probe") or "-", patched=patched,

@@ -3,8 +3,10 @@ kwargs) through a tiny Llama with Liger's fused linear cross-entropy, model.trai
 TypeError on the affected releases (the demo's scenario; TRITON_INTERPRET=1 on a CPU)."""
 from __future__ import annotations
 
-# both sides of 0.5.6 (the bug appears) and 0.5.7 (fixed); the newest
-LAB_RUNS = [{"versions": "0.5.4,0.5.5,0.5.6,0.5.7,0.5.8,0.8.5"}]
+# both sides of 0.5.6 (the bug appears) and 0.5.7 (fixed); later ones on the stacks that take them
+LAB_RUNS = [{"versions": "0.5.4,0.5.5,0.5.6,0.5.7,0.5.8"},
+            {"versions": "0.6.3", "stack": "boundary"},
+            {"versions": "0.8.5", "stack": "latest"}]
 
 
 def reproduce() -> tuple[bool | None, str]:

@@ -2,14 +2,15 @@
 SHELL := /bin/bash
 A := .venvs/affected/bin/python
 L := .venvs/latest/bin/python
+B := .venvs/boundary/bin/python
+STACKS := affected latest boundary
 export HFPATCHES_CACHE := $(CURDIR)/.cache
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test lint test-affected test-latest gpu-test bench matrix wheel
+.PHONY: setup demo test lint test-affected test-latest test-boundary gpu-test bench matrix wheel lab
 
 setup:
-	bash scripts/setup_env.sh affected
-	bash scripts/setup_env.sh latest
+	for s in $(STACKS); do bash scripts/setup_env.sh $$s || exit 1; done
 
 ## main job: every bug reproduced and fixed on the affected stack, then the doctor on the latest stack
 demo: setup
@@ -17,11 +18,12 @@ demo: setup
 	@echo; echo "== latest stack: the same patches must report NOT_AFFECTED where upstream fixed the bug"
 	$(L) -m hfpatches doctor
 
-## lint (ruff) and types (mypy), then the whole CPU suite on both stacks (+ the README matrix check)
+## lint (ruff) and types (mypy), then the whole CPU suite on every stack (+ the README matrix check)
 test: setup lint
 	$(A) scripts/matrix.py --check
-	$(A) -m pytest -q -n 2 tests -p no:cacheprovider
-	$(L) -m pytest -q -n 2 tests -p no:cacheprovider
+	rc=0; for s in $(STACKS); do echo "== stack $$s"; SECONDS=0; \
+	  HFPATCHES_TEST_STACK=$$s .venvs/$$s/bin/python -m pytest -q -n 2 tests -p no:cacheprovider || rc=1; \
+	  echo "== stack $$s: $$SECONDS s"; done; exit $$rc
 
 lint: setup
 	$(A) -m ruff check hfpatches tests scripts benchmarks gpu_tests
@@ -32,9 +34,11 @@ lint: setup
 	$(dir $(A))vermin --target=3.9- --no-tips --violations --eval-annotations --exclude tomllib -q hfpatches
 
 test-affected:
-	$(A) -m pytest -q tests
+	HFPATCHES_TEST_STACK=affected $(A) -m pytest -q tests
 test-latest:
-	$(L) -m pytest -q tests
+	HFPATCHES_TEST_STACK=latest $(L) -m pytest -q tests
+test-boundary:
+	HFPATCHES_TEST_STACK=boundary $(B) -m pytest -q tests
 
 ## on a CUDA machine (see README "GPU regression suite")
 gpu-test:
@@ -45,3 +49,7 @@ bench: setup
 
 matrix:
 	$(A) scripts/matrix.py --write
+
+## the version lab: every scripts/lab/<id>.py on its releases, tables into docs/patches (downloads; not in `make test`)
+lab: setup
+	$(A) scripts/version_lab.py --all --write

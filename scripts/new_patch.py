@@ -96,6 +96,9 @@ LAB = '''\"\"\"The version lab's reproduction of ``{id}`` (``scripts/version_lab
 interpreter on whatever release is installed; never applies hfpatches itself.\"\"\"
 from __future__ import annotations
 
+# how `make lab` reruns this table: one dict per lab run (keys: package, versions, stack, with)
+LAB_RUNS = [{{"versions": "X.Y.Z,X.Y.Z"}}]
+
 
 def reproduce() -> tuple[bool | None, str]:
     \"\"\"(bug present?, what was measured) on the installed code.\"\"\"

@@ -1,4 +1,5 @@
-"""Shared fixtures for the CPU suite (runs unchanged on both stacks: .venvs/affected, .venvs/latest)."""
+"""Shared fixtures for the CPU suite (runs unchanged on every stack: .venvs/<stack> for each name in
+``hfpatches._declare.STACKS``)."""
 from __future__ import annotations
 
 import os
@@ -39,15 +40,48 @@ def _version(dist: str) -> str | None:
         return None
 
 
+_STACK_ENV = "HFPATCHES_TEST_STACK"  # set by the Makefile; tests only (not a user switch)
+
+
 def current_stack() -> str:
-    """'affected' or 'latest', from the installed transformers (4.51.3 is the affected pin)."""
-    v = _version("transformers") or ""
-    return "affected" if v.startswith("4.51.") else "latest"
+    """The stack under test (a name in ``_declare.STACKS``): ``$HFPATCHES_TEST_STACK`` (the Makefile
+    exports it), else the name of the venv this interpreter runs in (``.venvs/<stack>``). Tests that
+    depend on what is installed should ask the installed versions, not this name."""
+    from hfpatches._declare import STACKS
+
+    name = os.environ.get(_STACK_ENV) or Path(sys.prefix).name
+    if os.environ.get(_STACK_ENV) and name not in STACKS:
+        raise RuntimeError(f"{_STACK_ENV}={name!r} is none of {STACKS}")
+    return name  # another venv (not one of ours): its own name, so no stack-specific test claims it
 
 
 @pytest.fixture(scope="session")
 def stack() -> str:
     return current_stack()
+
+
+def in_range(patch_id: str) -> bool:
+    """The installed versions satisfy every ``requires`` line of ``patch_id`` (the bug's range).
+    Tests that expect the bug on one stack and not on another decide by this, not by the stack's
+    name (the boundary stack sits on one side or the other, patch by patch)."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from hfpatches._registry import registry
+
+    for line in registry()[patch_id].requires:
+        req = Requirement(line)
+        v = _version(req.name)
+        if v is None or not req.specifier.contains(Version(v), prereleases=True):
+            return False
+    return True
+
+
+def range_stack(patch_id: str) -> str:
+    """'affected' where ``patch_id``'s bug range holds for the installed versions, else 'latest':
+    for test modules written against the two original stacks (they override the ``stack``
+    fixture with this, so the boundary stack gets the expectations its versions call for)."""
+    return "affected" if in_range(patch_id) else "latest"
 
 
 def pytest_report_header(config):

@@ -320,8 +320,11 @@ class _NotATensor:
 
 
 @pytest.mark.parametrize("form", ["legacy", "sharded"])
-def test_bin_is_read_with_weights_only(fb, demo, data, monkeypatch, stack, form):
+def test_bin_is_read_with_weights_only(fb, demo, data, monkeypatch, form):
+    import importlib.metadata as md
+
     import torch
+    from packaging.version import Version
 
     from hfpatches.patches.flash_attn_bert_prefix import impl as mod
 
@@ -334,7 +337,8 @@ def test_bin_is_read_with_weights_only(fb, demo, data, monkeypatch, stack, form)
     assert files >= (1 if form == "legacy" else 2)
 
     upstream_safe = mod._upstream_bin_is_safe(fb.state_dict_from_pretrained)
-    assert upstream_safe == (stack == "latest")   # 2.8.3 lacks weights_only=True; 2.8.3.post2 has it
+    # 2.8.3 lacks weights_only=True; 2.8.3.post2 has it
+    assert upstream_safe == (Version(md.version("flash-attn")) >= Version("2.8.3.post2"))
     monkeypatch.setattr(mod, "_upstream_bin_is_safe", lambda fn: False)   # our reader on both stacks
     calls = []
     real = torch.load

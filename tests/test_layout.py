@@ -158,6 +158,7 @@ def test_scaffold_adds_a_patch_without_touching_the_core(tmp_path):
     for rel in ("docs/patches/trivial_fix.md", "scripts/lab/trivial_fix.py", "hfpatches/demos/trivial_fix.py",
                 "tests/test_trivial_fix.py", "gpu_tests/test_trivial_fix.py"):
         assert (tmp_path / rel).is_file(), rel
+    assert "## Versions checked" in (tmp_path / "docs" / "patches" / "trivial_fix.md").read_text()
     # the generated tests fail until the work is done (none of them passes or skips)
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                           "-o", "addopts=", str(tmp_path / "tests" / "test_trivial_fix.py")],

@@ -26,6 +26,16 @@ from hfpatches._engine import ENGINE  # noqa: E402
 from hfpatches._registry import registry  # noqa: E402
 
 PID = lfk.PATCH_ID
+
+
+@pytest.fixture(scope="session")
+def stack() -> str:
+    """'affected' where this patch's range holds for the installed versions, else 'latest' (the
+    expectations below were written per stack; the boundary stack gets the ones its versions
+    call for)."""
+    from conftest import range_stack
+
+    return range_stack(PID)
 KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 KIND_PARAMS = [pytest.param(k, id=k) for k in demo.KINDS]
 # every liger-kernel 0.5.6 model module rewritten onto loss_utils (llava/paligemma are not)

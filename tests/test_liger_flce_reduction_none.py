@@ -27,6 +27,16 @@ from hfpatches import Outcome  # noqa: E402
 from hfpatches.patches.liger_flce_reduction_none import impl as P  # noqa: E402
 
 PID = P.PATCH_ID
+
+
+@pytest.fixture(scope="session")
+def stack() -> str:
+    """'affected' where this patch's range holds for the installed versions, else 'latest' (the
+    expectations below were written per stack; the boundary stack gets the ones its versions
+    call for)."""
+    from conftest import range_stack
+
+    return range_stack(PID)
 ATOL = 1e-5
 
 

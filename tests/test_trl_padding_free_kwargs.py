@@ -24,6 +24,16 @@ from hfpatches.patches.trl_padding_free_kwargs import impl as tpf  # noqa: E402
 from hfpatches._registry import registry  # noqa: E402
 
 PID = tpf.PATCH_ID
+
+
+@pytest.fixture(scope="session")
+def stack() -> str:
+    """'affected' where this patch's range holds for the installed versions, else 'latest' (the
+    expectations below were written per stack; the boundary stack gets the ones its versions
+    call for)."""
+    from conftest import range_stack
+
+    return range_stack(PID)
 KEYS = demo.KEYS
 
 

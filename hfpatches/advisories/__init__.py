@@ -21,39 +21,26 @@ ADVISORIES = (
         workaround="upgrade to transformers>=4.46.3 (or pin 4.46.1); with 4.46.2 train with "
                    "gradient_accumulation_steps=1 under DDP",
         severity="silent wrong results",
-        evidence="source of the installed releases: 4.46.2 trainer.py wraps micro-batch i in "
-                 "accelerator.no_sync when `i == len(batch_samples) - 1`; 4.46.3 and 4.47.1 when `i != ...`; "
-                 "4.46.0/4.46.1 use accelerator.accumulate (no such condition). "
-                 "Not run here with 2 ranks (tests/test_catalog.py checks the condition in the installed source).",
+        evidence="reproduced: scripts/lab/advisories/tf_ddp_no_sync_inverted.py (torchrun, 2 CPU ranks, gloo, "
+                 "gradient_accumulation_steps=2, one SGD step, different data per rank): the ranks' weights differ "
+                 "by 0.262 on 4.46.2 and are identical on 4.46.1, 4.46.3 and 4.47.1. Source: 4.46.2 enters "
+                 "accelerator.no_sync when `i == len(batch_samples) - 1`, 4.46.3 when `i != ...`.",
     ),
     Advisory(
         id="tf_ga_no_kwargs_models",
         summary="Trainer with gradient_accumulation_steps > 1: a model whose forward takes no **kwargs "
                 "gets the sum of the micro-batch losses, not their mean (gradients x GA)",
         upstream=("huggingface/transformers#35438", "huggingface/transformers#37766"),
-        requires=("transformers>=4.46.2,<4.48.0",),
+        requires=("transformers>=4.46.0,<4.48.0",),
         fixed_in="transformers>=4.48.0",
-        workaround="upgrade to transformers>=4.48.1; or give the model's forward **kwargs and use the "
+        workaround="upgrade to transformers>=4.48.0; or give the model's forward **kwargs and use the "
                    "num_items_in_batch it receives; or divide the learning rate by gradient_accumulation_steps",
         severity="silent wrong results",
-        evidence="source of the installed releases 4.46.2, 4.46.3, 4.47.1: training_step calls "
-                 "accelerator.backward(loss) without dividing by gradient_accumulation_steps and compute_loss "
-                 "passes num_items_in_batch only to a forward with **kwargs; 4.46.0/4.46.1 still use "
-                 "accelerator.accumulate (outside the range); 4.48.0 divides when num_items_in_batch is None.",
-    ),
-    Advisory(
-        id="tf_ga_480_check",
-        summary="transformers 4.48.0 Trainer: the gradient-accumulation division is keyed on "
-                "num_items_in_batch instead of whether the model takes loss kwargs; a model without "
-                "**kwargs is not divided (gradients x GA)",
-        upstream=("huggingface/transformers#35663", "huggingface/transformers#35651"),
-        requires=("transformers==4.48.0",),
-        fixed_in="transformers>=4.48.1",
-        workaround="upgrade to transformers>=4.48.1",
-        severity="silent wrong results",
-        evidence="source of the installed releases: 4.48.0 training_step divides only "
-                 "`if num_items_in_batch is None` (the Trainer always counts it); 4.48.1 and 4.50.3 divide "
-                 "`if not self.model_accepts_loss_kwargs and self.compute_loss_func is None`.",
+        evidence="reproduced: scripts/lab/advisories/tf_ga_division.py (a model whose forward has no **kwargs, "
+                 "2 samples, gradient_accumulation_steps=2, batch 1, no clipping, vs one batch of 2): update norm "
+                 "ratio 2.0 on 4.46.0, 4.46.2, 4.47.1; 1.0 on 4.48.0, 4.48.1, 4.50.3, 4.51.3 .. 4.55.0. Source: "
+                 "training_step calls accelerator.backward(loss) with the Trainer's Accelerator at 1 accumulation "
+                 "step. Releases before 4.46.0 not run.",
     ),
     Advisory(
         id="tf_ga_last_window",
@@ -61,14 +48,16 @@ ADVISORIES = (
                 "last, shorter window is still divided by the full gradient_accumulation_steps "
                 "(models without loss kwargs): its update is too small",
         upstream=("huggingface/transformers#38837", "huggingface/transformers#39659"),
-        requires=("transformers>=4.48.1,<4.55.0",),
+        requires=("transformers>=4.48.0,<4.55.0",),
         fixed_in="transformers>=4.55.0",
         workaround="upgrade to transformers>=4.55.0, or make the steps per epoch a multiple of "
                    "gradient_accumulation_steps (dataloader_drop_last / dataset size)",
         severity="silent wrong results",
-        evidence="source of the installed releases: 4.48.1, 4.50.3, 4.51.3, 4.52.4, 4.53.1, 4.54.1 divide by "
-                 "self.args.gradient_accumulation_steps; 4.55.0 by self.current_gradient_accumulation_steps "
-                 "(= len(batch_samples) of the window).",
+        evidence="reproduced: scripts/lab/advisories/tf_ga_division.py (1 sample, gradient_accumulation_steps=2: "
+                 "the epoch's only window is one batch) vs gradient_accumulation_steps=1: update ratio 0.5 on "
+                 "4.48.0, 4.48.1, 4.50.3, 4.51.3, 4.52.4, 4.53.1, 4.54.1; 1.0 on 4.55.0 (divides by "
+                 "current_gradient_accumulation_steps = len(batch_samples)) and on 4.46.0 .. 4.47.1 (no division "
+                 "at all there: tf_ga_no_kwargs_models).",
     ),
     Advisory(
         id="tf_average_tokens_default_off",

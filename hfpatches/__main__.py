@@ -38,6 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("path", help="what HFPATCHES_REPORT named: the directory, or the file (records in FILE.d/)")
     rp.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except BrokenPipeError:   # ``hfpatches list | head``: the reader went away; nothing to say
+        from ._audit import quiet_broken_pipe
+
+        quiet_broken_pipe()
+        return 0
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if args.cmd == "doctor":

@@ -44,7 +44,10 @@ Fields of :class:`Patch`
   impl             the implementation module (default: ``<the declaring package>.impl``)
   default_enabled  False: opt-in (``only=[id]`` or ``enable_env=1``)
   enable_env       the env var that switches an opt-in patch on (named in ``hfpatches._env``)
-  affected         README text for the affected versions (default: ``requires``)
+  fix_word         how upstream ended the bug at ``fixed_in``: ``"fixed"`` (default) or
+                   ``"removed"`` (the buggy code is gone there, nothing was fixed)
+  affected         README text for the affected versions, only where it says more than
+                   ``requires`` (the README shows ``requires`` itself)
   verified_stacks  the test stacks its tests pass on (default: every one in ``STACKS``)
 """
 from __future__ import annotations
@@ -58,6 +61,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: The stacks the CPU suite runs on (constraints/<stack>.txt; ``make test`` runs each).
 STACKS = ("affected", "latest", "boundary")
+#: The libraries hfpatches fixes, as (PyPI distribution, import name): ``doctor``, the demo and the
+#: test header show their versions, the run manifest records them. Listed here once.
+LIBRARIES = (("torch", "torch"), ("transformers", "transformers"), ("peft", "peft"), ("accelerate", "accelerate"),
+             ("liger-kernel", "liger_kernel"), ("flash-attn", "flash_attn"), ("flair", "flair"), ("trl", "trl"),
+             ("triton", "triton"))
 
 _MISSING = object()
 
@@ -169,9 +177,10 @@ class Patch(Record):
     """A fix, declared (see the module docstring for every field)."""
 
     __slots__ = ("id", "summary", "upstream", "requires", "fixed_in", "targets", "probe", "apply",
-                 "default_enabled", "enable_env", "check", "affected", "verified_stacks", "impl", "waits_for")
+                 "default_enabled", "enable_env", "check", "affected", "verified_stacks", "impl", "waits_for",
+                 "fix_word")
     _defaults = {"probe": None, "apply": None, "default_enabled": True, "enable_env": None, "check": None,
-                 "affected": "", "verified_stacks": STACKS, "impl": None, "waits_for": ()}
+                 "affected": "", "verified_stacks": STACKS, "impl": None, "waits_for": (), "fix_word": "fixed"}
     id: str
     summary: str
     upstream: tuple[str, ...]
@@ -187,8 +196,49 @@ class Patch(Record):
     verified_stacks: tuple[str, ...]
     impl: str | None
     waits_for: tuple[str, ...]
+    fix_word: str
+
+    @property
+    def fixed_text(self) -> str | None:
+        """``"fixed in pkg>=X"`` / ``"removed in pkg>=X"`` (None: not fixed upstream): the one
+        wording the engine, doctor, audit and the README use."""
+        return f"{self.fix_word} in {self.fixed_in}" if self.fixed_in else None
+
+    @property
+    def opt_in_hint(self) -> str:
+        """How to switch an opt-in patch on (the engine's DISABLED reason and audit say this)."""
+        return f"enable with only=[{self.id!r}]" + (f" or {self.enable_env}=1" if self.enable_env else "")
 
     @property
     def modules(self) -> tuple[str, ...]:
         """The modules the patch waits for (its targets', then ``waits_for``), in order, without repeats."""
         return tuple(dict.fromkeys([*(t.module for t in self.targets), *self.waits_for]))
+
+
+#: ``Advisory.severity``: what the bug does to a run.
+SEVERITIES = ("silent wrong results", "crash", "degraded")
+
+
+class Advisory(Record):
+    """A verified bug hfpatches does *not* fix in place (one release wide, GPU-only, or not
+    fixable by a patch): data only, no implementation. ``doctor`` lists those whose ``requires``
+    hold for the installed versions, ``audit`` judges them on a pin set, the README lists them.
+
+    Fields as :class:`Patch` (``id``, ``summary``, ``upstream``, ``requires``, ``fixed_in``), plus
+    ``workaround`` (what a user does instead), ``severity`` (one of :data:`SEVERITIES`) and
+    ``evidence`` (how it was verified here: the releases run, or why it could not run)."""
+
+    __slots__ = ("id", "summary", "upstream", "requires", "fixed_in", "workaround", "severity", "evidence")
+    _defaults = {"evidence": ""}
+    id: str
+    summary: str
+    upstream: tuple[str, ...]
+    requires: tuple[str, ...]
+    fixed_in: str | None
+    workaround: str
+    severity: str
+    evidence: str
+
+    @property
+    def fixed_text(self) -> str | None:
+        return f"fixed in {self.fixed_in}" if self.fixed_in else None

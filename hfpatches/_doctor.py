@@ -5,8 +5,11 @@ import importlib
 import json
 import platform
 
-#: The distributions of the stack hfpatches fixes, shown by doctor, the demo and the test header.
-STACK = ("torch", "transformers", "peft", "accelerate", "liger-kernel", "flash-attn", "flair", "trl")
+from ._declare import LIBRARIES
+
+#: The distributions of the stack hfpatches fixes, shown by doctor, the demo and the test header
+#: (``_declare.LIBRARIES``: listed once).
+STACK = tuple(dist for dist, _module in LIBRARIES)
 
 
 def versions() -> dict[str, str | None]:
@@ -64,8 +67,9 @@ def doctor(as_json: bool = False, strict: bool = False) -> int:
         rows.append({"patch": pid, "target": r.target_version or "-",
                      "in_range": {True: "yes", False: "no", None: "-"}[r.in_range],
                      "probe": probe, "outcome": r.outcome.value, "reason": reason})
+    advs = advisories_here()
     if as_json:
-        print(json.dumps({"versions": stack, "patches": rows, "ok": not bad}, indent=2))
+        print(json.dumps({"versions": stack, "patches": rows, "advisories": advs, "ok": not bad}, indent=2))
     else:
         print("hfpatches doctor")
         for k, v in stack.items():
@@ -77,16 +81,41 @@ def doctor(as_json: bool = False, strict: bool = False) -> int:
         print("  ".join("-" * w[c] for c in cols) + "  ------")
         for r in rows:
             print("  ".join(r[c].ljust(w[c]) for c in cols) + "  " + r["reason"])
+        here = [a for a in advs if a["applies"]]
+        print("\nknown unpatched bugs here (advisories; hfpatches does not fix these):")
+        if not here:
+            print("  none for the installed versions")
+        for a in here:
+            print(f"  {a['id']} [{a['severity']}]: {a['summary']}\n    upstream: {', '.join(a['upstream'])}; "
+                  f"{a['fixed_text'] or 'not fixed upstream'}\n    workaround: {a['workaround']}")
         if strict:
             print("\nstrict: " + ("FAIL: a fix that should be live is not" if bad else "ok"))
     return 1 if (strict and bad) else 0
 
 
-def list_cmd() -> int:
-    import hfpatches
+def advisories_here() -> list[dict]:
+    """Every advisory, judged on the installed versions by the engine's range judge: ``applies``
+    is True when every ``requires`` line holds here (a package that is not installed: False)."""
+    from . import _ranges
+    from ._audit import advisory_fields
+    from ._engine import dist_version
+    from ._registry import advisories
 
-    for p in hfpatches.list_patches():
+    out = []
+    for adv in advisories().values():
+        verdicts = [_ranges.judge(line, dist_version(_ranges.requirement(line).name)) for line in adv.requires]
+        live = [v for v in verdicts if v != _ranges.IGNORED]
+        applies = bool(live) and all(v == _ranges.IN for v in live)
+        out.append({**advisory_fields(adv), "applies": applies, "severity": adv.severity,
+                    "fixed_text": adv.fixed_text})
+    return out
+
+
+def list_cmd() -> int:
+    from ._registry import registry
+
+    for p in registry().values():
         on = "default on" if p.default_enabled else f"opt-in ({p.enable_env or 'only='})"
-        print(f"{p.id:<24} {on:<36} requires {', '.join(p.requires)}; fixed in {p.fixed_in or 'not yet'}")
+        print(f"{p.id:<24} {on:<36} requires {', '.join(p.requires)}; {p.fixed_text or 'not fixed upstream'}")
         print(f"{'':<24} {p.summary}")
     return 0

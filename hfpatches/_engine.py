@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ._recorder import Mutation, PatchContext, Recorder
 
-# Start-up budget (<= 5 ms over a bare interpreter for ``import hfpatches; apply()``): no
+# Start-up budget (``benchmarks/startup.py``: BUDGET_MS over a bare interpreter for ``apply()``): no
 # dataclasses, typing, inspect, importlib.metadata, packaging or wrapt at import time; they load
 # when a patch attaches, which only happens when its (heavy) target is imported anyway.
 
@@ -79,25 +79,31 @@ _FOUND: set[str] = set()
 
 
 def _check_requires(patch: Patch) -> tuple[Outcome | None, str, str | None, bool | None]:
-    """(outcome-or-None-to-continue, reason, "dist version", in_range)."""
-    from packaging.requirements import Requirement
-    from packaging.version import InvalidVersion, Version
+    """(outcome-or-None-to-continue, reason, "dist version", in_range): every ``requires`` line
+    judged by :func:`hfpatches._ranges.judge` (markers included), as ``audit`` judges a pin set."""
+    from . import _ranges
 
     shown = []
+    judged = 0
     for line in patch.requires:
-        req = Requirement(line)
+        req = _ranges.requirement(line)
+        if _ranges.marker_holds(req) is False:
+            continue
+        judged += 1
         ver = dist_version(req.name)
-        if ver is None:
+        verdict = _ranges.judge(line, ver)
+        if verdict == _ranges.MISSING:
             return Outcome.NOT_INSTALLED, f"{req.name} is not installed", None, None
         shown.append(f"{req.name} {ver}")
-        try:
-            v = Version(ver)
-        except InvalidVersion:
+        if verdict == _ranges.UNPARSEABLE:
             return Outcome.TARGET_CHANGED, f"{req.name} has an unparseable version {ver!r}", ", ".join(shown), None
-        if not req.specifier.contains(v, prereleases=True):
-            fixed = f"; fixed in {patch.fixed_in}" if patch.fixed_in else ""
+        if verdict == _ranges.OUT:
+            fixed = f"; {patch.fixed_text}" if patch.fixed_text else ""
             return (Outcome.NOT_AFFECTED, f"{req.name} {ver} is outside the affected range "
                     f"{req.specifier}{fixed}", ", ".join(shown), False)
+    if patch.requires and not judged:
+        return (Outcome.NOT_AFFECTED, "every requirement's environment marker is false here: "
+                + "; ".join(patch.requires), None, False)
     return None, "", ", ".join(shown) or None, True
 
 
@@ -212,8 +218,7 @@ class Engine:
                 disabled[pid] = f"disabled by {excl_src}"
             elif why_src is None and not p.default_enabled:
                 if not (p.enable_env and _env.get_bool(p.enable_env, False)):
-                    disabled[pid] = (f"opt-in: enable with only=[{pid!r}]"
-                                     + (f" or {p.enable_env}=1" if p.enable_env else ""))
+                    disabled[pid] = f"opt-in: {p.opt_in_hint}"
         return [pid for pid in reg if pid not in disabled], disabled
 
     # -- one patch ---------------------------------------------------------------------------

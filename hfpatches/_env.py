@@ -6,26 +6,36 @@ from __future__ import annotations
 
 import os
 
-#: Comma list of patch ids: apply only these (opt-in patches included).
+# The ``#:`` comment above each user variable is its row of the README's environment table
+# (``scripts/matrix.py --write`` generates the table from ``ALL`` and these comments).
+
+#: ``a,b``: apply only these patches (opt-in patches included).
 ONLY = "HFPATCHES_ONLY"
-#: Comma list of patch ids to leave alone, or ``*`` for all of them.
+#: ``a,b`` or ``*``: leave these patches (or all) alone.
 DISABLE = "HFPATCHES_DISABLE"
-#: ``1``: anything but APPLIED / ALREADY_APPLIED / NOT_AFFECTED / NOT_INSTALLED / DISABLED raises.
+#: ``1``: ``FAILED``/``TARGET_CHANGED``/``CONFLICT`` raise ``PatchError`` (for a deferred patch: at the
+#: target's import); anything but APPLIED / ALREADY_APPLIED / NOT_AFFECTED / NOT_INSTALLED / DISABLED
+#: counts. Under ``HFPATCHES_AUTO`` the interpreter refuses to start on a bad setting.
 STRICT = "HFPATCHES_STRICT"
-#: ``0``: skip the behavioural probes and trust the version ranges.
+#: ``0``: trust the version ranges, skip the behavioural probes.
 PROBE = "HFPATCHES_PROBE"
-#: Run manifest: a directory (existing, or ending in ``/``) gets one JSON record per process;
-#: any other path ``FILE`` is an index, with the records in ``FILE.d/`` (see ``_manifest.py``).
-#: Each process rewrites only its own record, when one of its outcomes changes.
+#: ``path``: run manifest: every process writes its own JSON record (pid, host, rank, versions,
+#: outcomes, live fixes), rewritten only when one of its outcomes changes. A directory (existing,
+#: or ending in ``/``) holds the records; any other path ``FILE`` is a small index with the records
+#: in ``FILE.d/`` (see ``_manifest.py``). Symlinks are followed, devices/FIFOs refused; a write
+#: failure is one WARNING, never an error.
 REPORT = "HFPATCHES_REPORT"
-#: ``1``: apply at interpreter start (through the installed ``hfpatches_auto.pth``).
+#: ``1``: apply at interpreter start (installed ``hfpatches_auto.pth``), no code change;
+#: ``0``/``false``/``no``/``off``/empty: off (nothing of hfpatches is imported).
 AUTO = "HFPATCHES_AUTO"
 #: ``1``: switch on the opt-in ``strict_loads`` patch.
 STRICT_LOADS = "HFPATCHES_STRICT_LOADS"
-#: ``backbone`` (default) or ``float32``: the compute dtype policy of ``peft_save_load``.
+#: ``backbone`` (default) or ``float32``: the compute dtype policy of ``peft_save_load`` (default:
+#: the transformer keeps its dtype, the head trains in float32; see below).
 DTYPE_POLICY = "HFPATCHES_DTYPE_POLICY"
 DTYPE_POLICIES = ("backbone", "float32")
-#: Directory for the real test/demo weights (dequantized SmolLM2); default ``~/.cache/hfpatches``.
+#: ``dir``: where the real test/demo weights (dequantized SmolLM2) are cached; default
+#: ``~/.cache/hfpatches``.
 CACHE = "HFPATCHES_CACHE"
 #: Internal: the pid whose start-up already ran ``HFPATCHES_AUTO`` (a child re-runs it).
 AUTOSTARTED = "_HFPATCHES_AUTOSTARTED"

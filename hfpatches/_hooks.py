@@ -1,7 +1,7 @@
 """Post-import hooks: ``when_imported(module, callback)``. A leaf: imports nothing of ours.
 
 wrapt 2.x imports asyncio, inspect and importlib.metadata (tens of ms), which would blow the
-start-up budget of ``import hfpatches; apply()`` (<= 5 ms over a bare interpreter) when no target is imported yet. So
+start-up budget of ``import hfpatches; apply()`` (``benchmarks/startup.py``: BUDGET_MS) when no target is imported yet. So
 until a target package is first imported, a tiny ``sys.meta_path`` sentinel waits for the
 top-level names (``torch``, ``flash_attn``, ...). On the first such import it removes itself,
 imports wrapt, registers wrapt's post-import hooks for every awaited module and hands that very

@@ -45,15 +45,11 @@ from __future__ import annotations
 import os
 import sys
 
+from ._declare import LIBRARIES as _VERSIONED  # (distribution, module): __version__ recorded when imported
 from ._env import RANK_SOURCES, RUN_VARS  # the launcher variables, documented there
+from ._report import BAD_OUTCOMES as _BAD, LIVE_OUTCOMES as _LIVE  # the outcome sets, defined once
 
 RECORD_FORMAT = 1
-#: distribution -> module whose ``__version__`` is recorded when it is imported in the process
-_VERSIONED = (("torch", "torch"), ("transformers", "transformers"), ("peft", "peft"),
-              ("accelerate", "accelerate"), ("liger-kernel", "liger_kernel"), ("flash-attn", "flash_attn"),
-              ("flair", "flair"), ("trl", "trl"), ("triton", "triton"))
-_LIVE = ("APPLIED", "ALREADY_APPLIED")
-_BAD = ("FAILED", "TARGET_CHANGED", "CONFLICT")
 
 
 # ----------------------------------------------------------------------------- writing

@@ -8,7 +8,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing import Any
 
 # No enum/dataclasses/typing/json/collections at import time: ``import hfpatches; apply()``
-# must stay within its start-up budget (<= 15 ms); see benchmarks/startup.py.
+# must stay within its start-up budget (benchmarks/startup.py: BUDGET_MS).
 
 
 class Outcome(str):

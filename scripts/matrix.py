@@ -1,16 +1,29 @@
-"""Generate the README's version matrix from the patch registry; ``--check`` fails on drift.
+"""Generate what is derived from the catalog; ``--check`` fails on drift (``make test`` runs it).
 
-The table lives between the markers ``<!-- matrix:begin -->`` and ``<!-- matrix:end -->``.
+* the README's version matrix (between ``<!-- matrix:begin -->`` and ``<!-- matrix:end -->``),
+  from the patch declarations;
+* the README's advisories table (``<!-- advisories:begin -->`` ... ``<!-- advisories:end -->``),
+  from ``hfpatches/advisories``;
+* the README's environment table (``<!-- env:begin -->`` ... ``<!-- env:end -->``), from
+  ``hfpatches/_env.py`` (``ALL`` and the ``#:`` comment above each variable);
+* ``hfpatches/_index.py``: every declaration's data, which start-up reads instead of importing
+  each patch package (``hfpatches/_registry.py``).
+
 Usage: python scripts/matrix.py --write | --check
 """
 import argparse
+import ast
 import os
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 README = os.path.join(ROOT, "README.md")
+INDEX = os.path.join(ROOT, "hfpatches", "_index.py")
+ENV = os.path.join(ROOT, "hfpatches", "_env.py")
 BEGIN, END = "<!-- matrix:begin -->", "<!-- matrix:end -->"
+SECTIONS = ("matrix", "advisories", "env")
 
 
 def _link(ref: str) -> str:
@@ -22,28 +35,117 @@ def _link(ref: str) -> str:
     return ref
 
 
+def affected_text(p) -> str:
+    """The README's affected-versions cell: ``requires`` itself, then ``affected`` when it says more."""
+    req = ", ".join(f"`{r}`" for r in p.requires)
+    return f"{req}; {p.affected}" if p.affected else req
+
+
 def table() -> str:
-    from hfpatches._registry import registry
+    from hfpatches._registry import declarations
 
     rows = ["| patch id | bug | affected versions (`requires`) | upstream | fixed in | default | verified stacks |",
             "|---|---|---|---|---|---|---|"]
-    for p in registry().values():
-        req = ", ".join(f"`{r}`" for r in p.requires)
-        if p.affected:
-            req = f"{p.affected} ({req})"
+    for p in declarations().values():
         default = "on" if p.default_enabled else f"opt-in (`{p.enable_env}`)" if p.enable_env else "opt-in"
-        rows.append(f"| [`{p.id}`](docs/patches/{p.id}.md) | {p.summary} | {req} | {', '.join(_link(u) for u in p.upstream)} "
-                    f"| {f'`{p.fixed_in}`' if p.fixed_in else 'not fixed upstream'} | {default} "
+        fixed = f"`{p.fixed_in}`" + (f" ({p.fix_word})" if p.fix_word != "fixed" else "") if p.fixed_in \
+            else "not fixed upstream"
+        rows.append(f"| [`{p.id}`](docs/patches/{p.id}.md) | {p.summary} | {affected_text(p)} "
+                    f"| {', '.join(_link(u) for u in p.upstream)} | {fixed} | {default} "
                     f"| {', '.join(p.verified_stacks) or '-'} |")
     return "\n".join(rows)
 
 
+def advisories_table() -> str:
+    from hfpatches._registry import advisories
+
+    rows = ["| advisory | bug (not patched) | affected versions (`requires`) | upstream | fixed in | severity "
+            "| workaround |",
+            "|---|---|---|---|---|---|---|"]
+    for a in advisories().values():
+        rows.append(f"| `{a.id}` | {a.summary} | {', '.join(f'`{r}`' for r in a.requires)} "
+                    f"| {', '.join(_link(u) for u in a.upstream)} "
+                    f"| {f'`{a.fixed_in}`' if a.fixed_in else 'not fixed upstream'} | {a.severity} | {a.workaround} |")
+    return "\n".join(rows)
+
+
+def env_docs() -> dict:
+    """``{variable: its #: comment}`` for every variable in ``_env.ALL``, in that order."""
+    from hfpatches import _env
+
+    lines = open(ENV, encoding="utf-8").read().splitlines()
+    docs = {}
+    for node in ast.parse("\n".join(lines)).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            value = getattr(_env, name, None)
+            if value not in _env.ALL:
+                continue
+            i, comment = node.lineno - 2, []
+            while i >= 0 and lines[i].startswith("#:"):
+                comment.insert(0, lines[i][2:].strip())
+                i -= 1
+            docs[value] = " ".join(comment)
+    return {v: docs.get(v, "") for v in _env.ALL}
+
+
+def env_table() -> str:
+    rows = ["| variable | meaning |", "|---|---|"]
+    for name, doc in env_docs().items():
+        text = re.sub(r"``([^`]+)``", r"`\1`", doc).replace("|", "\\|")
+        rows.append(f"| `{name}` | {text} |")
+    return "\n".join(rows)
+
+
+def index_source() -> str:
+    """``hfpatches/_index.py``: each declaration as data (defaults left out). A declaration that
+    holds callables (``probe=`` ...) cannot be written down: it stays out, and start-up imports it."""
+    from hfpatches._declare import Patch
+    from hfpatches._registry import declarations
+
+    out = ['"""Generated by ``scripts/matrix.py --write`` from ``hfpatches/patches/*/__init__.py``: do not edit.',
+           "",
+           "Every patch declaration's data, read at start-up instead of importing each patch package",
+           "(``hfpatches._registry``); ``matrix.py --check`` and ``tests/test_catalog.py`` fail when it is stale.",
+           '"""',
+           "# ruff: noqa: E501",
+           "from ._declare import Patch, Target",
+           "",
+           "PATCHES = ("]
+    for p in declarations().values():
+        if any(getattr(p, k) is not None for k in ("probe", "apply", "check")):
+            continue
+        out.append("    Patch(")
+        for k in Patch.__slots__:
+            v = getattr(p, k)
+            if k in Patch._defaults and v == Patch._defaults[k]:
+                continue
+            out.append(f"        {k}={v!r},")
+        out.append("    ),")
+    out.append(")")
+    return "\n".join(out) + "\n"
+
+
+def _section(text: str, name: str, body: str) -> str:
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if begin not in text or end not in text:
+        raise SystemExit(f"README.md lacks the {begin} ... {end} markers")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{body}\n{end}{tail}"
+
+
 def render(text: str) -> str:
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"README.md lacks the {BEGIN} ... {END} markers")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{table()}\n{END}{tail}"
+    for name, make in (("matrix", table), ("advisories", advisories_table), ("env", env_table)):
+        text = _section(text, name, make())
+    return text
+
+
+def _write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
 
 
 def main() -> int:
@@ -55,17 +157,20 @@ def main() -> int:
     with open(README, encoding="utf-8") as fh:
         text = fh.read()
     new = render(text)
+    index = index_source()
+    old_index = open(INDEX, encoding="utf-8").read() if os.path.exists(INDEX) else ""
     if args.check:
-        if new != text:
-            print("README.md version matrix is out of date: run `make matrix` (scripts/matrix.py --write)", file=sys.stderr)
+        stale = [what for what, same in (("README.md tables (matrix, advisories, environment)", new == text),
+                                          ("hfpatches/_index.py (the start-up index)", index == old_index))
+                 if not same]
+        if stale:
+            print(f"out of date: {'; '.join(stale)}: run `make matrix` (scripts/matrix.py --write)", file=sys.stderr)
             return 1
-        print("README.md version matrix matches the registry")
+        print("README.md tables and hfpatches/_index.py match the catalog")
         return 0
-    tmp = README + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(new)
-    os.replace(tmp, README)
-    print("README.md version matrix written")
+    _write(README, new)
+    _write(INDEX, index)
+    print("README.md tables and hfpatches/_index.py written")
     return 0
 
 

@@ -62,14 +62,25 @@ def decl(pid, *requires, fixed_in=None, default_enabled=True, enable_env=None):
 
 
 # ----------------------------------------------------------------------------- the repo's own pins
+def constraint_pins(stack: str) -> dict[str, str]:
+    """``{name: version}`` of ``constraints/<stack>.txt``: tests read the pins, never restate them."""
+    out = {}
+    for line in (ROOT / "constraints" / f"{stack}.txt").read_text().splitlines():
+        name, eq, ver = line.split("#")[0].strip().partition("==")
+        if eq:
+            out[name.strip()] = ver.strip()
+    return out
+
+
 def test_repo_affected_constraints(capsys):
     r = rows([ROOT / "constraints" / "affected.txt"], capsys)
     assert set(r) == set(registry())             # one row per registered patch, whatever registers
     for pid in KNOWN_AFFECTED:
         assert r[pid]["status"] == "affected", r[pid]
-    assert r["liger_flash_kwargs"]["pinned"] == "0.5.6"
+    pins = constraint_pins("affected")
+    assert r["liger_flash_kwargs"]["pinned"] == pins["liger-kernel"]
     assert r["meta_buffers"]["package"] == "torch, transformers"
-    assert r["meta_buffers"]["pinned"] == "2.13.0, 4.51.3"
+    assert r["meta_buffers"]["pinned"] == f"{pins['torch']}, {pins['transformers']}"
     assert "opt-in" in r["strict_loads"]["reason"] and "HFPATCHES_STRICT_LOADS=1" in r["strict_loads"]["reason"]
 
 
@@ -78,7 +89,7 @@ def test_repo_latest_constraints(capsys):
     assert set(r) == set(registry())
     liger = r["liger_flash_kwargs"]
     assert liger["status"] == "not-affected"
-    assert liger["pinned"] == "0.8.5"
+    assert liger["pinned"] == constraint_pins("latest")["liger-kernel"]
     assert liger["fixed_in"] == "liger-kernel>=0.5.7" and "fixed in liger-kernel>=0.5.7" in liger["reason"]
     assert r["peft_save_load"]["status"] == "not-pinned"      # flair is not part of the latest stack
     assert "flair is not in the pin set" in r["peft_save_load"]["reason"]
@@ -476,8 +487,9 @@ def test_uv_lock(tmp_path, capsys):
     lock = write(tmp_path, "uv.lock", UV_LOCK)
     linux = rows([lock, *LINUX], capsys)
     assert linux["liger_flash_kwargs"]["status"] == "affected" and linux["liger_flash_kwargs"]["pinned"] == "0.5.6"
-    assert linux["meta_buffers"]["status"] == "affected"      # torch 2.13.0+cpu, transformers locked from git
-    assert linux["meta_buffers"]["pinned"] == "2.13.0+cpu, 4.51.3"
+    # transformers locked from git: a source tree, not a release (as in a requirements file: unknown)
+    assert linux["meta_buffers"]["status"] == "unknown" and "git source" in linux["meta_buffers"]["reason"]
+    assert linux["meta_buffers"]["pinned"] == "2.13.0+cpu, direct"
     assert linux["peft_save_load"]["status"] == "unknown" and "editable" in linux["peft_save_load"]["reason"]
     assert linux["flash_attn_bert_prefix"]["status"] == "not-pinned"
     mac = rows([lock, "--marker-env", "sys_platform=darwin"], capsys)
@@ -606,3 +618,117 @@ def test_no_stack_imports_and_fast(tmp_path):
     assert res["rc"] == 0 and res["heavy"] == [], res
     # measured ~0.05 s; 1 s leaves room for a loaded shared CI machine
     assert res["dt"] < 1.0, res
+
+
+# ----------------------------------------------------------------------------- issue 24.6 / 24.8
+def test_comment_line_ending_in_backslash_does_not_continue(tmp_path, capsys, fake):
+    """pip joins ``\\`` continuations except on comment lines; a comment ending in ``\\`` must not
+    swallow the next requirement (an affected pin would be missed)."""
+    fake(decl("lk", "liger-kernel>=0.5.6,<0.5.7"), decl("tf", "transformers>=4.0"), decl("tr", "torch>=2.1"))
+    req = write(tmp_path, "r.txt", """
+        # pinned for the cluster \\
+        liger-kernel==0.5.6
+        transformers==4.51.3 \\
+          # a comment ends the joined line \\
+        torch==2.13.0
+    """)
+    r = rows([req], capsys)
+    assert r["lk"]["status"] == "affected", r["lk"]
+    assert r["tf"]["status"] == "affected", r["tf"]
+    assert r["tr"]["status"] == "affected", r["tr"]
+    assert run([req, "--fail-on", "affected"], capsys)[0] == 1
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo"])
+def test_special_files_are_refused(tmp_path, capsys, special):
+    """``-r /dev/zero`` used to end in a MemoryError traceback, ``-r FIFO`` to hang: exit 2, no read."""
+    if special == "fifo":
+        special = str(tmp_path / "pipe")
+        os.mkfifo(special)
+    req = write(tmp_path, "r.txt", f"-r {special}\n")
+    for argv in ([req], [special]):
+        cmd = [sys.executable, "-m", "hfpatches", "audit", *map(str, argv)]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert p.returncode == 2, (argv, p.returncode, p.stderr)
+        assert "Traceback" not in p.stderr and "not a regular file" in p.stderr, p.stderr
+
+
+def test_input_size_is_bounded(tmp_path, capsys, monkeypatch):
+    from hfpatches import _pins
+
+    monkeypatch.setattr(_pins, "MAX_BYTES", 100)
+    big = write(tmp_path, "big.txt", "# x\n" * 50)
+    rc, _, err = run([big], capsys)
+    assert rc == 2 and "larger than" in err
+    rc, _, err = run(["-"], capsys, stdin="# x\n" * 50, monkeypatch=monkeypatch)
+    assert rc == 2 and "larger than" in err
+
+
+def test_broken_pipe_is_quiet(tmp_path):
+    """``hfpatches audit ... | head -1``: no BrokenPipeError traceback; the exit status still
+    says what --fail-on found."""
+    req = write(tmp_path, "r.txt", "liger-kernel==0.5.6\n")
+    code = (f"import sys; from hfpatches.__main__ import main; sys.exit(main(['audit', {str(req)!r}, "
+            "'--fail-on', 'affected']))")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    p.stdout.close()            # the reader went away before the first line
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 1, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_removed_is_not_called_fixed(tmp_path, capsys):
+    """trl 0.20 removed the padding-free collator: nothing was fixed there; say removed."""
+    r = rows([write(tmp_path, "r.txt", "trl==0.20.0\n")], capsys)["trl_padding_free_kwargs"]
+    assert r["status"] == "not-affected"
+    assert "removed in trl>=0.20" in r["reason"] and "fixed in trl" not in r["reason"], r["reason"]
+
+
+LOCK_GIT_UV = """\
+version = 1
+[[package]]
+name = "transformers"
+version = "4.51.3"
+source = { git = "https://github.com/huggingface/transformers?rev=v4.51.3#deadbeef" }
+[[package]]
+name = "torch"
+version = "2.13.0"
+source = { url = "https://example.invalid/torch-2.13.0-cp311-none-any.whl" }
+"""
+LOCK_GIT_POETRY = """\
+[[package]]
+name = "transformers"
+version = "4.51.3"
+description = ""
+optional = false
+python-versions = "*"
+files = []
+
+[package.source]
+type = "git"
+url = "https://github.com/huggingface/transformers"
+reference = "v4.51.3"
+resolved_reference = "deadbeef"
+
+[metadata]
+lock-version = "2.1"
+python-versions = "*"
+content-hash = "0"
+"""
+
+
+def test_lock_direct_sources_judged_like_requirement_files(tmp_path, capsys, fake):
+    """A git/url/path source is a source tree or a file, not a release: ``unknown`` in a lock file
+    exactly as the same pin in a requirements file (the version the tree claims is shown)."""
+    fake(decl("tf", "transformers>=4.40"), decl("tr", "torch>=2.1"), decl("every", "transformers"))
+    req = rows([write(tmp_path, "r.txt", """
+        transformers @ git+https://github.com/huggingface/transformers@v4.51.3
+        torch @ https://example.invalid/torch-2.13.0-cp311-none-any.whl
+    """)], capsys)
+    uv = rows([write(tmp_path, "uv.lock", LOCK_GIT_UV)], capsys)
+    po = rows([write(tmp_path, "poetry.lock", LOCK_GIT_POETRY)], capsys)
+    for name, got in (("requirements", req), ("uv", uv), ("poetry", po)):
+        assert got["tf"]["status"] == "unknown", (name, got["tf"])
+        assert got["every"]["status"] == "affected", (name, got["every"])
+    assert req["tr"]["status"] == uv["tr"]["status"] == "unknown"
+    assert "git" in uv["tf"]["reason"] and "4.51.3" in uv["tf"]["reason"]

@@ -33,5 +33,5 @@ PATCH = Patch(
     fixed_in=None,
     targets=(Target("flash_attn.models.bert", "BertPreTrainedModel.from_pretrained",
                     params=("cls", "model_name", "config")),),
-    affected="flash-attn <= 2.8.3.post2 (unfixed upstream)",
+    affected="every release checked: 2.5.6 .. 2.8.3.post2",
 )

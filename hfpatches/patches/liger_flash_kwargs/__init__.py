@@ -32,5 +32,4 @@ PATCH = Patch(
     # names); the attribute path then reaches loss_utils.
     targets=(Target("liger_kernel.transformers", "model.loss_utils.fixed_fused_linear_cross_entropy",
                     params=("hidden_states", "lm_head_weight", "target")),),
-    affected="liger-kernel 0.5.6",
 )

@@ -46,5 +46,4 @@ PATCH = Patch(
     # an empty package first and the module later, when the package does not have it as an
     # attribute yet (so the targets resolve through the module itself).
     waits_for=("liger_kernel.ops",),
-    affected="liger-kernel 0.5.3-0.5.8, 0.6.3-0.8.1",
 )

@@ -32,9 +32,10 @@ PATCH = Patch(
     summary="meta-device init -> to_empty -> load_state_dict keeps non-persistent buffers "
             "(rotary inv_freq, BERT position_ids, ...) instead of leaving uninitialised memory",
     upstream=("huggingface/transformers#34234", "huggingface/transformers#36577",
+              "huggingface/transformers#25555", "huggingface/transformers#45902",
               "huggingface/transformers#48932", "pytorch/pytorch#105840"),
     requires=("torch>=2.1", "transformers>=4.0"),
     fixed_in=None,
     targets=(Target("torch", "nn.Module.to_empty", params=("self", "device", "recurse")),),
-    affected="torch>=2.1 with transformers 4.x-5.x (seen on 4.51.3 and 5.23.0); unfixed",
+    affected="seen on transformers 4.51.3 and 5.23.0",
 )

@@ -42,5 +42,5 @@ PATCH = Patch(
         Target(_TAGGER, "SequenceTagger.predict", params=("self", "sentences")),
         Target(_TAGGER, "SequenceTagger.forward_loss", params=("self", "sentences")),
     ),
-    affected="flair 0.14-0.15.1 (#3627/#3651 merged on main, unreleased)",
+    affected="checked up to 0.15.1; #3627/#3651 are merged on main, in no release",
 )

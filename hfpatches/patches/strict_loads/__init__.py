@@ -17,6 +17,7 @@ What changes
     Rationale: docs/patches/strict_loads.md.
 """
 from hfpatches._declare import Patch, Target
+from hfpatches._env import STRICT_LOADS
 
 PATCH = Patch(
     id="strict_loads",
@@ -27,6 +28,6 @@ PATCH = Patch(
     targets=(Target("transformers.modeling_utils", "PreTrainedModel.from_pretrained",
                     params=("cls", "pretrained_model_name_or_path")),),
     default_enabled=False,
-    enable_env="HFPATCHES_STRICT_LOADS",
-    affected="transformers (all versions: missing weights are only a warning, by design)",
+    enable_env=STRICT_LOADS,
+    affected="by design: missing weights are only a warning",
 )

@@ -35,7 +35,7 @@ PATCH = Patch(
     upstream=("huggingface/trl#3243",),
     requires=("trl>=0.16.0,<0.20",),
     fixed_in="trl>=0.20",   # not fixed: 0.20 removed the collator (trl#3704)
+    fix_word="removed",
     targets=(Target("trl.trainer.utils", "DataCollatorForCompletionOnlyLM.torch_call", params=("self", "examples")),
              Target("transformers.trainer", "Trainer._prepare_inputs", params=("self", "inputs"))),
-    affected="trl 0.16.0-0.19.1 (0.20 removed the collator)",
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import tempfile
+from typing import Any
 
 PID = "trainer_grad_accum_scaling"
 VOCAB = 32
@@ -39,7 +40,7 @@ def tiny_llama(vocab_size: int = VOCAB, seed: int = 0):
                                    max_position_embeddings=64, use_cache=False)
     cfg._attn_implementation = "eager"
     with _own_rng(seed):
-        model = transformers.LlamaForCausalLM(cfg)
+        model: Any = transformers.LlamaForCausalLM(cfg)
     return model.train()
 
 
@@ -111,16 +112,19 @@ def custom_loss_trainer_class():
     return _sequential(OwnLossTrainer)
 
 
-def training_args(output_dir: str, ga: int, bs: int, **extra):
+def _hyper(ga: int, bs: int) -> dict[str, Any]:
+    """One SGD step's worth of training arguments: lr 1, no clipping, no schedule, no decay."""
+    return dict(per_device_train_batch_size=bs, gradient_accumulation_steps=ga, learning_rate=1.0, optim="sgd",
+                lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
+                num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                disable_tqdm=True, seed=0)
+
+
+def training_args(output_dir: str, ga: int, bs: int, **extra: Any) -> Any:
     from transformers import TrainingArguments
 
-    kw = dict(output_dir=output_dir, per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
-              learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", warmup_steps=0,
-              weight_decay=0.0, max_grad_norm=0.0, num_train_epochs=1, logging_steps=1,
-              save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
-              remove_unused_columns=False, dataloader_num_workers=0)
-    kw.update(extra)
-    return TrainingArguments(**kw)
+    kw: dict[str, Any] = {**_hyper(ga, bs), "remove_unused_columns": False, "dataloader_num_workers": 0, **extra}
+    return TrainingArguments(output_dir=output_dir, **kw)
 
 
 def _flat(model):
@@ -215,10 +219,7 @@ def orpo_trainer(output_dir: str, ga: int, bs: int, n: int = 4):
     rows = [ORPO_ROWS[i % len(ORPO_ROWS)] for i in range(n)]
     data = Dataset.from_dict({"prompt": [r[0] for r in rows], "chosen": [" " + r[1] for r in rows],
                               "rejected": [" " + r[2] for r in rows]})
-    cfg = ORPOConfig(output_dir=output_dir, per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
-                     learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", warmup_steps=0,
-                     weight_decay=0.0, max_grad_norm=0.0, num_train_epochs=1, logging_steps=1,
-                     save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+    cfg = ORPOConfig(output_dir=output_dir, **_hyper(ga, bs))
     return _sequential(ORPOTrainer)(model=tiny_llama(len(WORDS)), args=cfg, train_dataset=data,
                                     processing_class=tok)
 

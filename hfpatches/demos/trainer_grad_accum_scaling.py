@@ -219,7 +219,7 @@ def orpo_trainer(output_dir: str, ga: int, bs: int, n: int = 4):
     rows = [ORPO_ROWS[i % len(ORPO_ROWS)] for i in range(n)]
     data = Dataset.from_dict({"prompt": [r[0] for r in rows], "chosen": [" " + r[1] for r in rows],
                               "rejected": [" " + r[2] for r in rows]})
-    cfg = ORPOConfig(output_dir=output_dir, **_hyper(ga, bs))
+    cfg = ORPOConfig(output_dir=output_dir, remove_unused_columns=False, **_hyper(ga, bs))
     return _sequential(ORPOTrainer)(model=tiny_llama(len(WORDS)), args=cfg, train_dataset=data,
                                     processing_class=tok)
 

@@ -35,7 +35,7 @@ def reproduce() -> tuple[bool | None, str]:
     if abs(ratio - 1) < 1e-3 and abs(loss_ratio - 1) < 1e-3:
         return False, seen
     plain, plain_loss, _, _ = scenario.update_ratio("no_kwargs")
-    seen += f" (model without **kwargs: {plain:.3f}, {plain_loss:.3f})"
+    seen += f" (a model whose forward takes no kwargs: {plain:.3f}, {plain_loss:.3f})"
     if max(abs(ratio - GA), abs(loss_ratio - GA)) < GA * 1e-3 and max(abs(plain - 1), abs(plain_loss - 1)) < 1e-3:
         return True, seen
     return None, f"{seen}: a different defect (not this patch's: advisory)"

@@ -26,6 +26,7 @@ FIRST_IMPORTS_EXTRA = {
     "meta_buffers": ["transformers.models.llama.modeling_llama"],
     "liger_flash_kwargs": ["liger_kernel.transformers.model.loss_utils", "liger_kernel.transformers.monkey_patch"],
     "peft_save_load": ["flair.models"],
+    "trainer_grad_accum_scaling": ["from transformers import Trainer", "transformers.training_args"],
 }
 
 

@@ -8,7 +8,7 @@ Bug
     1.7.0 on, ``Trainer.train(resume_from_checkpoint=...)`` too (seedable sampler). Silent:
     samples are trained twice and others never on every mid-epoch resume.
 Affected
-    accelerate 0.26.1-1.14.0 measured (fixed in 1.15.0). Table: docs/patches/accelerate_resume_epoch.md.
+    accelerate 0.34.2-1.14.0 measured, older not runnable here (fixed in 1.15.0). Table: docs/patches/accelerate_resume_epoch.md.
 Upstream
     huggingface/accelerate#4071 (merged, in 1.15.0); reports #2016, #3996.
 Probe
@@ -35,5 +35,5 @@ PATCH = Patch(
     # accelerate``; once the package is complete, every accelerate module that imported the
     # function by name exists.
     targets=(Target("accelerate", "data_loader.skip_first_batches", params=("dataloader", "num_batches")),),
-    affected="accelerate < 1.15.0 (measured from 0.26.1)",
+    affected="accelerate < 1.15.0 (measured 0.34.2-1.14.0)",
 )

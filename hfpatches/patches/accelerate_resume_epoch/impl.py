@@ -127,7 +127,8 @@ def _sandbox(mod: Any) -> tuple[dict, dict]:
     """A copy of the module's namespace where the process-wide singletons are stand-ins and the
     two loader classes are subclasses whose ``__init__`` is accelerate's own code run in it."""
     namespace = dict(vars(mod))
-    namespace.update(PartialState=_stand_in_state(mod), GradientState=_Inert)
+    state = _stand_in_state(mod)
+    namespace.update(PartialState=state, GradientState=_Inert)
     kinds = {}
     for kind in KINDS:
         real = getattr(mod, kind)
@@ -184,6 +185,15 @@ def probe(ctx) -> ProbeResult:
     run = _runnable(public, mod, namespace)
     if run is None:
         return ProbeResult(None, f"{MODULE}.{NAME} is not accelerate's function (somebody else's wrapper)")
+    try:
+        return _run(run, kinds)
+    except Exception as e:  # the installed code did something the stand-ins do not cover
+        return ProbeResult(None, f"{NAME} could not run on the probe's loaders: {type(e).__name__}: {e}")
+
+
+def _run(run: Any, kinds: dict) -> ProbeResult:
+    import torch
+
     seen = []
     bug = False
     for kind, cls in kinds.items():

@@ -45,11 +45,17 @@ def in_range() -> bool:
     return req.specifier.contains(_accelerate_version(), prereleases=True)
 
 
-def trainer_path_affected() -> bool:
-    """Measured: the Trainer's seedable sampler is reset by the skipped loader from 1.7.0 on."""
+def trainer_path_affected(accelerate_version=None) -> bool:
+    """Measured: the Trainer's seedable sampler is reset by the skipped loader from accelerate
+    1.7.0 on, with a transformers 4.x Trainer (it calls ``set_epoch`` on the loader *before*
+    ``skip_first_batches``: read in 4.50.3-4.57.6, measured on 4.51.3); transformers 5.x (5.23.0)
+    calls it on the skipped loader, so its Trainer resume is right even on accelerate 1.14.0."""
+    import importlib.metadata as md
+
     from packaging.version import Version
 
-    return in_range() and _accelerate_version() >= Version("1.7.0")
+    v = Version(accelerate_version) if accelerate_version else _accelerate_version()
+    return Version("1.7.0") <= v < Version("1.15.0") and Version(md.version("transformers")) < Version("5")
 
 
 def _apply():
@@ -226,16 +232,20 @@ import json, warnings
 warnings.simplefilter("ignore")
 import accelerate, hfpatches
 from hfpatches.demos import accelerate_resume_epoch as d
-out = {"version": accelerate.__version__, "unpatched": d.trainer_case()}
+def cases():
+    return {"trainer": d.trainer_case(), **{k: d.loader_case(k) for k in d.KINDS}}
+out = {"version": accelerate.__version__, "unpatched": cases()}
 out["outcome"] = hfpatches.apply(only=["accelerate_resume_epoch"])["accelerate_resume_epoch"].outcome.value
-out["patched"] = d.trainer_case()
+out["patched"] = cases()
 print("RESULT " + json.dumps(out))
 """
 
 
-def test_trainer_resume_on_accelerate_1_14_overlay(py):
-    """accelerate 1.14.0 (the last affected release; the Trainer path shows the bug) beside this
-    stack's transformers, in a fresh interpreter: 0/5 unpatched, 5/5 patched."""
+def test_accelerate_1_14_overlay(py):
+    """accelerate 1.14.0 (the last affected release) beside this stack's transformers, in a fresh
+    interpreter: both loader kinds 0/5 unpatched (epoch 0's batches), 5/5 patched; the Trainer
+    resume 0/5 -> 5/5 where the Trainer path shows the bug (transformers 4.x), 5/5 both ways
+    otherwise."""
     pytest.importorskip("transformers")
     if not (OVERLAY_1_14 / "accelerate").is_dir():
         pytest.skip(f"no accelerate 1.14.0 overlay at {OVERLAY_1_14} (pip install --no-deps --target ... accelerate==1.14.0)")
@@ -247,4 +257,8 @@ def test_trainer_resume_on_accelerate_1_14_overlay(py):
     assert lines, proc.stdout + proc.stderr
     res = json.loads(lines[-1][7:])
     assert res["version"] == "1.14.0" and res["outcome"] == "APPLIED", res
-    _trainer_expectations(res["unpatched"], res["patched"], affected=True)
+    for kind in demo.KINDS:
+        assert demo.score(res["unpatched"][kind])[:2] == (0, 5), res["unpatched"][kind]
+        assert demo.score(res["patched"][kind]) == (5, 0, 5), res["patched"][kind]
+    _trainer_expectations(res["unpatched"]["trainer"], res["patched"]["trainer"],
+                          affected=trainer_path_affected("1.14.0"))

@@ -26,6 +26,7 @@ FIRST_IMPORTS_EXTRA = {
     "meta_buffers": ["transformers.models.llama.modeling_llama"],
     "liger_flash_kwargs": ["liger_kernel.transformers.model.loss_utils", "liger_kernel.transformers.monkey_patch"],
     "peft_save_load": ["flair.models"],
+    "accelerate_resume_epoch": ["accelerate.data_loader", "transformers.trainer"],
 }
 
 

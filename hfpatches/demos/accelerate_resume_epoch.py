@@ -14,6 +14,8 @@ Also the shared scenario helpers the tests and the version lab use.
 """
 from __future__ import annotations
 
+from typing import Any
+
 PID = "accelerate_resume_epoch"
 N_ITEMS, BATCH, SKIP = 16, 2, 3          # 8 batches per epoch; resume after 3 batches of epoch 1
 KINDS = ("DataLoaderShard", "DataLoaderDispatcher")
@@ -102,7 +104,7 @@ def trainer_case() -> dict:
                                  save_strategy="steps", save_steps=8 + SKIP, report_to=[],
                                  use_cpu=True, seed=0, learning_rate=0.0, logging_strategy="no",
                                  save_only_model=False, disable_tqdm=True, dataloader_num_workers=0)
-        trainer = Trainer(model=_recording_model(seen), args=args, train_dataset=_Items())
+        trainer: Any = Trainer(model=_recording_model(seen), args=args, train_dataset=_Items())
         trainer.remove_callback(PrinterCallback)     # no metrics printed
         trainer.train(resume_from_checkpoint=resume)
         return seen

@@ -35,7 +35,7 @@ def carry_epoch(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     if not _applied():
         return new
     mod = sys.modules.get(MODULE)
-    kinds = tuple(k for k in (getattr(mod, n, None) for n in KINDS) if isinstance(k, type))
+    kinds: tuple[Any, ...] = tuple(k for k in (getattr(mod, n, None) for n in KINDS) if isinstance(k, type))
     old = _loader_arg(args, kwargs)
     if kinds and isinstance(new, kinds) and isinstance(old, kinds) and new is not old:
         epoch = getattr(old, "iteration", None)
@@ -174,8 +174,6 @@ def _epoch_dataset() -> Any:
 
 
 def probe(ctx) -> ProbeResult:
-    import torch
-
     mod = sys.modules[MODULE]
     public = vars(mod).get(NAME)
     try:

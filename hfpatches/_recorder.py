@@ -100,7 +100,10 @@ class Recorder:
             raise Conflict(f"{qualname(owner)}.{name} is already patched by hfpatches patch {rec.patch_id!r}")
         current = raw_getattr(owner, name, None)
         if rec is None:
-            why = _foreign_reason(current, owner, self.owned_ids())
+            # A binding by name of an object this patch already recorded as an original elsewhere
+            # (``from accelerate import f`` in another package) is that original, not a foreign patch.
+            known = any(current is r.original for r in self.records(patch_id))
+            why = None if known else _foreign_reason(current, owner, self.owned_ids())
             if why:
                 raise Conflict(f"{qualname(owner)}.{name}: {why}")
             rec = Mutation(owner, name, current, _has_own(owner, name), replacement, patch_id)

@@ -27,6 +27,7 @@ FIRST_IMPORTS_EXTRA = {
     "liger_flash_kwargs": ["liger_kernel.transformers.model.loss_utils", "liger_kernel.transformers.monkey_patch"],
     "peft_save_load": ["flair.models"],
     "trainer_grad_accum_scaling": ["from transformers import Trainer", "transformers.training_args"],
+    "accelerate_resume_epoch": ["accelerate.data_loader", "transformers.trainer"],
 }
 
 

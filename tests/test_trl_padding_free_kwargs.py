@@ -395,3 +395,127 @@ def test_sft_trainer_step_flash_attention_2(stack, child):
     assert r["varlen_calls"] == 2 and len(r["varlen_cu"]) == 1, r
     assert json.loads(r["varlen_cu"][0])[-1] == r["direct_tokens"], r
     assert math.isfinite(r["loss"]) and abs(r["loss"] - r["direct_loss"]) <= 1e-5 * r["direct_loss"], r
+
+
+# ----------------------------------------------------------------------------- review loose ends (#22)
+def _fa2(model, monkeypatch):
+    from _fa_ref import install
+
+    ref = install(monkeypatch)
+    model.config._attn_implementation = "flash_attention_2"
+    return ref
+
+
+@pytest.mark.parametrize("stage", ["unpatched", "patched"])
+def test_custom_loop_flash_attention_2(stack, batch, tok, monkeypatch, stage):
+    """No Trainer: ``model(**batch)`` on the collator's output, a plain training loop (forward,
+    backward, step) with FlashAttention-2 (stand-in kernel). Unpatched: the kernel's RuntimeError.
+    Patched: every layer's varlen call gets the batch's boundaries as a 1-D int32 tensor and
+    max_length as an int; the logits of each sequence equal the sequence run alone (1e-5) and the
+    loss equals the token-weighted loss of the sequences one by one (rel 1e-6); the batch the
+    user holds is not modified."""
+    model = demo.tiny_llama(len(tok))
+    ref = _fa2(model, monkeypatch)
+    before = {k: (v, v.clone()) for k, v in batch.items()}
+    if stage == "patched":
+        _apply()
+    if stage == "unpatched":
+        with pytest.raises(RuntimeError, match=r"cu_seqlens_q must have shape \(batch_size \+ 1\)"):
+            model(**batch)
+        return
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    out = model(**batch)
+    out.loss.backward()
+    opt.step()
+    assert len(ref.calls) == model.config.num_hidden_layers
+    cu = batch["cu_seq_lens_q"].reshape(-1)
+    for c in ref.calls:
+        assert tuple(c["cu_seqlens_q"].shape) == (cu.numel(),) and c["cu_seqlens_q"].dtype == torch.int32
+        assert torch.equal(c["cu_seqlens_q"], cu) and torch.equal(c["cu_seqlens_k"], cu)
+        assert type(c["max_seqlen_q"]) is int and c["max_seqlen_q"] == int(batch["max_length_q"])
+    for k, (v, copy) in before.items():          # the user's batch: same objects, same values
+        assert batch[k] is v and torch.equal(v, copy), k
+    model.eval()
+    with torch.no_grad():
+        logits = model(**batch).logits
+        assert demo.per_sequence_gap(model, batch, logits) <= 1e-5
+        total, count = 0.0, 0
+        for s, e in demo.segments(batch):
+            n = int((batch["labels"][:, s + 1:e] != -100).sum())
+            if n:
+                total += model(input_ids=batch["input_ids"][:, s:e], labels=batch["labels"][:, s:e],
+                               position_ids=batch["position_ids"][:, s:e]).loss.item() * n
+                count += n
+    assert abs(out.loss.item() - total / count) <= 1e-6 * abs(total / count)
+
+
+WARN_CHILD = r'''
+import sys
+if sys.argv[1] == "1":
+    import hfpatches
+    hfpatches.apply(only=["trl_padding_free_kwargs"])
+import trl, transformers.modeling_utils, transformers.trainer
+try:
+    import trl.trainer.utils
+except ImportError:
+    pass
+sys.stderr.write("--- the user's code\n")
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+vocab = {w: i for i, w in enumerate(("<pad>", "<eos>", "<unk>", "q", "a"))}
+w = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+w.pre_tokenizer = pre_tokenizers.Whitespace()
+tok = PreTrainedTokenizerFast(tokenizer_object=w, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+cls = getattr(sys.modules.get("trl.trainer.utils"), "DataCollatorForCompletionOnlyLM", None)
+for i in range(2 if cls is not None else 0):
+    try:
+        cls([4], tokenizer=tok, padding_free=True)
+        sys.stderr.write(f"collator {i} built\n")
+    except Warning as e:
+        sys.stderr.write(f"collator {i} raised {type(e).__name__}\n")
+if sys.argv[1] == "1":
+    r = hfpatches.status()["trl_padding_free_kwargs"]
+    print("RESULT", r.outcome.value, r.reason)
+'''
+
+
+@pytest.mark.parametrize("flt", ["error", "default", "always", "once"])
+def test_probe_is_quiet_under_every_warnings_filter(stack, tmp_path, flt):
+    """The probe builds TRL's collator (TRL 0.17 warns DeprecationWarning in its __init__): under
+    any warnings filter it neither raises nor prints, and the user's own collators afterwards warn
+    (or raise) exactly as in the same program without hfpatches (whole stderr compared)."""
+    from conftest import run_py
+
+    script = tmp_path / "child.py"
+    script.write_text(WARN_CHILD)
+    runs = {}
+    for use in ("0", "1"):
+        code = f"import sys, runpy; sys.argv = ['child', {use!r}]; runpy.run_path({str(script)!r}, run_name='__main__')"
+        runs[use] = run_py(code, env={"PYTHONWARNINGS": flt})
+    line = [ln for ln in runs["1"].stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, runs["1"].stdout + runs["1"].stderr
+    assert line[0].split()[1] == ("APPLIED" if stack == "affected" else "NOT_AFFECTED"), line
+    assert runs["1"].stderr == runs["0"].stderr, (runs["0"].stderr, runs["1"].stderr)
+    if stack == "affected":
+        user = runs["0"].stderr.split("--- the user's code\n", 1)[1]
+        assert ("raised DeprecationWarning" if flt == "error" else "DeprecationWarning: This class is deprecated") in user
+
+
+def test_users_own_per_row_batch_is_left_alone(stack, modules, tok, trainer):
+    """A user's own batch with per-row cu_seq_lens_q (B, k) and max_length_q (B,), on the last
+    batch B == 1: Trainer's input preparation and the model's attention modules get it as the user
+    built it (same objects, same shapes). Only transformers' FlashAttention-2 entry normalises, and
+    only what TRL's collator emits."""
+    _apply() if stack == "affected" else hfpatches.apply(only=[PID])
+    n = 6
+    user = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10]]), "labels": torch.tensor([[5, 6, 7, 8, 9, 10]]),
+            "position_ids": torch.tensor([[0, 1, 0, 1, 2, 3]]),
+            "cu_seq_lens_q": torch.tensor([[0, 2, n]], dtype=torch.int32), "max_length_q": torch.tensor([4])}
+    inputs = trainer._prepare_inputs(dict(user))
+    for k, v in user.items():
+        assert inputs[k] is v, k
+    model = trainer.model.eval()
+    with demo.attention_kwargs(model, keys=("cu_seq_lens_q", "max_length_q")) as seen, torch.no_grad():
+        model(**inputs)
+    assert seen and all(s["cu_seq_lens_q"] is user["cu_seq_lens_q"] and s["max_length_q"] is user["max_length_q"]
+                        for s in seen)

@@ -370,7 +370,7 @@ def test_dispatch_batches_keeps_working(stack, child):
     default for an IterableDataset) still carries the batch: TRL's batch-dimensioned keys survive
     concatenate + slice. Documented-form keys would not: an int makes concatenate raise, and a 1-D
     cu_seq_lens is silently cut to its first element by the per-process slice [0:1] -- why the
-    conversion happens after dispatch, in Trainer._prepare_inputs."""
+    batch is never converted (only at transformers' FlashAttention-2 entry)."""
     if stack != "affected":
         pytest.skip("trl >= 0.20 has no DataCollatorForCompletionOnlyLM")
     assert child["dispatch_trl_form"]["loader"] == "DataLoaderDispatcher"
@@ -384,7 +384,7 @@ def test_dispatch_batches_keeps_working(stack, child):
 def test_sft_trainer_step_flash_attention_2(stack, child):
     """One real trl.SFTTrainer step with TRL's padding-free collator and flash_attention_2
     (stand-in kernel): the kernel's RuntimeError without hfpatches; with it every attention layer
-    gets the documented form, the kernel gets the batch's boundaries, and the step's loss equals
+    gets the batch as TRL built it, the kernel gets the batch's boundaries as a 1-D tensor, and the step's loss equals
     a direct forward of the same batch (rel 1e-5: the Trainer packs the shuffled examples in
     another order; per-sequence attention makes the token mean order-independent up to rounding)."""
     r = child

@@ -1,12 +1,14 @@
 """trl_padding_free_kwargs on CUDA: flash-attn's real varlen kernel, SmolLM2-135M in bf16.
 
-* TRL 0.17's padding-free batch through a real ``Trainer``'s input preparation: without the patch
-  the kernel rejects the (1, n+1) ``cu_seq_lens`` (huggingface/trl#3243); with it every attention
-  layer gets the documented form, each sequence's logits equal the same sequence run alone, and
-  the packed loss (forward + backward) equals the sequences run one by one;
+* TRL 0.17's padding-free batch through a real ``Trainer``'s input preparation, and in a custom
+  loop (``model(**batch)``, no Trainer): without the patch the kernel rejects the (1, n+1)
+  ``cu_seq_lens`` (huggingface/trl#3243); with it the batch reaches the layers as TRL built it and
+  transformers' FlashAttention-2 entry hands the kernel the documented form: each sequence's
+  logits equal the same sequence run alone, and the packed loss (forward + backward) equals the
+  sequences run one by one;
 * one real ``trl.SFTTrainer`` step with the padding-free collator and flash_attention_2, without
   and with the patch; and with Liger's kernels (``use_liger_kernel=True``) and liger_flash_kwargs
-  live too: the decoder then gets the precomputed boundaries.
+  live too.
 
 Tolerance: bf16 (8 mantissa bits, relative step ~4e-3) through 30 layers, and the compared runs
 use different kernels (varlen vs single-sequence attention): logits within 0.1 absolute (logits
@@ -74,9 +76,9 @@ def test_real_kernel_rejects_trl_form_and_accepts_the_fix(batch, model, tmp_path
     with demo.attention_kwargs(model) as seen:
         out = model(**inputs)
         out.loss.backward()
-    assert len(seen) == model.config.num_hidden_layers
-    assert all(s["cu_seq_lens_q"].shape == (4,) and s["cu_seq_lens_q"].dtype == torch.int32
-               and type(s["max_length_q"]) is int for s in seen)
+    assert len(seen) == model.config.num_hidden_layers     # the batch reaches the layers as TRL built it
+    assert all(s["cu_seq_lens_q"] is inputs["cu_seq_lens_q"] and s["max_length_q"] is inputs["max_length_q"]
+               for s in seen)
     assert math.isfinite(out.loss.item())
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
     model.zero_grad(set_to_none=True)
@@ -85,6 +87,33 @@ def test_real_kernel_rejects_trl_form_and_accepts_the_fix(batch, model, tmp_path
     with torch.no_grad():
         alone = liger_demo.one_by_one_loss(model, inputs)
     assert liger_demo.rel(out.loss.item(), alone) <= BF16_REL, (out.loss.item(), alone)
+
+
+def test_custom_loop_real_kernel(batch, model):
+    """No Trainer: the collator's batch moved to the GPU by hand, ``model(**batch)``, backward.
+    Unpatched the kernel rejects it; patched it trains, each sequence's logits match the sequence
+    alone and the loss matches the sequences one by one (bf16 tolerances)."""
+    feed = {k: v.to("cuda") for k, v in batch.items()}
+    hfpatches.revert([PID])
+    with torch.no_grad(), pytest.raises((RuntimeError, TypeError)) as err:
+        model(**feed)
+    assert "cu_seqlens" in str(err.value) or "max_seqlen" in str(err.value), err.value
+    assert hfpatches.apply(only=[PID])[PID].outcome == hfpatches.Outcome.APPLIED
+    try:
+        model.zero_grad(set_to_none=True)
+        out = model(**feed)
+        out.loss.backward()
+        assert math.isfinite(out.loss.item())
+        assert any(p.grad is not None for p in model.parameters())
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+        model.zero_grad(set_to_none=True)
+        gap = demo.per_sequence_gap(model, feed, out.logits.detach())
+        assert gap <= LOGITS_ATOL, gap
+        with torch.no_grad():
+            alone = liger_demo.one_by_one_loss(model, feed)
+        assert liger_demo.rel(out.loss.item(), alone) <= BF16_REL, (out.loss.item(), alone)
+    finally:
+        hfpatches.revert([PID])
 
 
 def _sft_step(tok, tmp, *, liger: bool):
@@ -107,7 +136,7 @@ def _sft_step(tok, tmp, *, liger: bool):
 
 
 def test_sft_trainer_step(batch, tok, tmp_path):
-    import transformers.trainer  # noqa: F401  (the patch attaches now, not DEFERRED)
+    import transformers.trainer  # noqa: F401
 
     hfpatches.revert([PID])
     with pytest.raises((RuntimeError, TypeError), match="cu_seqlens|max_seqlen"):
@@ -120,7 +149,8 @@ def test_sft_trainer_step(batch, tok, tmp_path):
 
 def test_sft_trainer_step_with_liger(batch, tok, tmp_path):
     """Liger's real kernels (use_liger_kernel=True) + both patches: padding-free + Liger + FA2
-    trains, and the decoder and attention get the precomputed boundaries."""
+    trains. liger_flash_kwargs hands on only the documented form, so with TRL's batch the decoder
+    derives the same boundaries from position_ids."""
     pytest.importorskip("liger_kernel")
     import liger_kernel.transformers  # noqa: F401  (both patches attach now, not DEFERRED)
     import transformers.trainer  # noqa: F401
@@ -138,4 +168,3 @@ def test_sft_trainer_step_with_liger(batch, tok, tmp_path):
     finally:
         hfpatches.revert(ids)
     assert math.isfinite(loss) and 0.1 < loss < 20, loss
-    assert sorted(seen["decoder"]) == sorted(seen["attention"]) == sorted(demo.KEYS), seen

@@ -1,17 +1,20 @@
 """Lab reproduction for trl_padding_free_kwargs: TRL's DataCollatorForCompletionOnlyLM(
-padding_free=True) batch through a real transformers.Trainer's _prepare_inputs into a tiny Llama;
-the FlashAttention keywords each attention module receives must be in transformers' documented
-form (1-D cu_seq_lens, int max_length) -- the affected releases hand them over 2-D / as tensors."""
+padding_free=True) batch straight into a tiny Llama with attn_implementation="flash_attention_2"
+(a custom loop: ``model(**batch)``, no Trainer). flash-attn's kernels are replaced by the CPU
+stand-in of the test suite (tests/_fa_ref.py: checks its arguments like the CUDA kernel), put into
+``transformers.modeling_flash_attention_utils`` in this throwaway interpreter only. Bug: the
+kernel rejects the batch ("cu_seqlens_q must have shape (batch_size + 1)"); fixed: it runs and
+each packed sequence's logits equal the sequence run alone (1e-5)."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 # both sides of 0.16.0 (the collator's FlashAttention keys) and 0.20 (the collator removed)
-LAB_RUNS = [{"versions": "0.15.2,0.16.0,0.17.0,0.18.1,0.19.1"},
-            {"versions": "0.19.1,0.20.0,0.21.0", "stack": "boundary"}]   # transformers 4.56.2
+LAB_RUNS = [{"versions": "0.15.2,0.16.0,0.17.0,0.18.1,0.19.1,0.20.0"}]
 
 
 def reproduce() -> tuple[bool | None, str]:
-    import tempfile
-
     import torch
 
     from hfpatches.demos import trl_padding_free_kwargs as d
@@ -20,18 +23,25 @@ def reproduce() -> tuple[bool | None, str]:
     batch = d.packed_batch(tok)
     if batch is None:
         return False, "no DataCollatorForCompletionOnlyLM in this TRL (removed in 0.20)"
-    keys = [k for k in d.KEYS if k in batch]
-    if not keys:
+    if "cu_seq_lens_q" not in batch:
         return False, f"the collator emits no FlashAttention keys ({', '.join(sorted(batch))})"
-    model = d.tiny_llama(len(tok))
-    with tempfile.TemporaryDirectory() as out:
-        trainer = d.make_trainer(model, out)
-        inputs = trainer._prepare_inputs(batch)
-        with torch.no_grad(), d.attention_kwargs(model) as seen:
-            model(**inputs)
-    got = seen[0] if seen else {}
-    bad = [k for k in keys if k not in got
-           or (k.startswith("cu_") and getattr(got[k], "dim", lambda: 1)() != 1)
-           or (k.startswith("max_") and not isinstance(got[k], int))]
-    shown = ", ".join(f"{k} {d.form(got[k])}" for k in keys if k in got)
-    return bool(bad), f"attention receives {shown or 'no FlashAttention keys'}"
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    try:
+        from _fa_ref import installed
+    except ImportError as e:
+        return None, f"no FlashAttention stand-in: {e}"
+    model = d.tiny_llama(len(tok), attn_implementation="flash_attention_2").eval()
+    form = f"cu_seq_lens_q {d.form(batch['cu_seq_lens_q'])}, max_length_q {d.form(batch['max_length_q'])}"
+    with installed() as ref, torch.no_grad():
+        try:
+            logits = model(**batch).logits
+        except RuntimeError as e:
+            return True, f"{form}: {str(e).splitlines()[0]}"
+        if not ref.calls:
+            return None, f"{form}: the stand-in kernel was not called (another FlashAttention path)"
+        gap = d.per_sequence_gap(model, batch, logits)
+    return gap > 1e-5, f"{form}: runs, per-sequence gap {gap:.1e}"
+
+
+if __name__ == "__main__":
+    print(reproduce())

@@ -34,6 +34,8 @@ PATCH = Patch(
     fixed_in=None,
     targets=(Target(_MODULE, "DataCollatorForLanguageModeling.torch_call", params=("self", "examples")),
              Target(_MODULE, "DataCollatorForLanguageModeling.numpy_call", params=("self", "examples"))),
+    # transformers.data imports the module inside its own __init__: wait for the package too
+    waits_for=("transformers.data",),
     default_enabled=False,
     enable_env="HFPATCHES_COLLATOR_KEEP_EOS",
     affected="transformers (all versions checked: by design upstream)",

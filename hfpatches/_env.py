@@ -30,6 +30,8 @@ REPORT = "HFPATCHES_REPORT"
 AUTO = "HFPATCHES_AUTO"
 #: ``1``: switch on the opt-in ``strict_loads`` patch.
 STRICT_LOADS = "HFPATCHES_STRICT_LOADS"
+#: ``1``: switch on the opt-in ``collator_keep_eos`` patch.
+COLLATOR_KEEP_EOS = "HFPATCHES_COLLATOR_KEEP_EOS"
 #: ``backbone`` (default) or ``float32``: the compute dtype policy of ``peft_save_load`` (default:
 #: the transformer keeps its dtype, the head trains in float32; see below).
 DTYPE_POLICY = "HFPATCHES_DTYPE_POLICY"
@@ -55,7 +57,7 @@ RUN_VARS = ("SLURM_JOB_ID", "SLURM_STEP_ID", "TORCHELASTIC_RUN_ID", "TORCHELASTI
             "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "SLURM_NODEID")
 
 #: Every variable a user sets (tests clear these for a clean slate).
-ALL = (ONLY, DISABLE, STRICT, PROBE, REPORT, AUTO, STRICT_LOADS, DTYPE_POLICY, CACHE)
+ALL = (ONLY, DISABLE, STRICT, PROBE, REPORT, AUTO, STRICT_LOADS, COLLATOR_KEEP_EOS, DTYPE_POLICY, CACHE)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -128,6 +130,7 @@ def validate() -> None:
     get_bool(STRICT, False)
     get_bool(PROBE, True)
     get_bool(STRICT_LOADS, False)
+    get_bool(COLLATOR_KEEP_EOS, False)
     dtype_policy()
     get_list(ONLY)
     get_list(DISABLE)

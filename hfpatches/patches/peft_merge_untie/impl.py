@@ -1,0 +1,156 @@
+"""Implementation of ``peft_merge_untie`` (declared in ``__init__.py``; rationale in
+docs/patches/peft_merge_untie.md)."""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from hfpatches._declare import ProbeResult
+
+PATCH_ID = "peft_merge_untie"
+MODULE = "peft.tuners.tuners_utils"
+METHOD = "_unload_and_optionally_merge"
+QUIET = "_hfpatches_quiet_untie"     # set on the probe's own model: untie without the warning
+WARNING = ("hfpatches peft_merge_untie: after merging, the input and output embeddings are different "
+           "tensors with different values (a trained modules_to_save copy), but the config said "
+           "tie_word_embeddings=True; set it to False{where} so that save_pretrained/from_pretrained "
+           "keep both (as peft>=0.19 does, huggingface/peft#3126).")
+
+
+def tuner_classes(base: Any) -> list[Any]:
+    """``base`` and its subclasses (recursively) that define ``_unload_and_optionally_merge`` themselves."""
+    seen: list[Any] = []
+    todo = [base]
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.append(cls)
+        todo.extend(cls.__subclasses__())
+    return [c for c in seen if METHOD in vars(c)]
+
+
+def tied_configs(config: Any) -> list[Any]:
+    """The config objects that say ``tie_word_embeddings=True``: the config itself and the text
+    sub-config ``get_text_config(decoder=True)`` reads (what transformers' ``tie_weights`` reads)."""
+    found = []
+    candidates = [config]
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text):
+        try:
+            candidates.append(get_text(decoder=True))
+        except TypeError:
+            candidates.append(get_text())
+    for c in candidates:
+        if c is not None and getattr(c, "tie_word_embeddings", False) is True and all(c is not f for f in found):
+            found.append(c)
+    return found
+
+
+def diverged(model: Any) -> bool:
+    """Input and output embedding weights are different tensors with different values."""
+    import torch
+
+    try:
+        out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    ow, iw = getattr(out_emb, "weight", None), getattr(in_emb, "weight", None)
+    if not isinstance(ow, torch.Tensor) or not isinstance(iw, torch.Tensor):
+        return False
+    if ow is iw or (ow.device == iw.device and ow.data_ptr() == iw.data_ptr() and ow.shape == iw.shape):
+        return False      # still tied: one tensor
+    if ow.shape != iw.shape or ow.device != iw.device or ow.dtype != iw.dtype:
+        return True
+    with torch.no_grad():
+        return not torch.equal(ow, iw)
+
+
+def untie_after_merge(model: Any, log: Any) -> list[str]:
+    """Untie ``model``'s config(s) when its embeddings diverged; return the configs changed."""
+    config = getattr(model, "config", None)
+    configs = tied_configs(config) if config is not None else []
+    if not configs or not diverged(model):
+        return []
+    names = []
+    for c in configs:
+        c.tie_word_embeddings = False
+        names.append("config" if c is config else f"text config ({type(c).__name__})")
+    where = f" ({' and '.join(names)})" if len(names) > 1 else ""
+    log.info("%s: %s untied after merge_and_unload (embeddings diverged)", PATCH_ID, ", ".join(names))
+    if not getattr(model, QUIET, False):
+        warnings.warn(WARNING.format(where=where), UserWarning, stacklevel=4)
+    return names
+
+
+def _make_wrapper(cls: Any, log: Any) -> Any:
+    import inspect
+
+    sig = inspect.signature(vars(cls)[METHOD])
+    merge_default = sig.parameters["merge"].default if "merge" in sig.parameters else True
+
+    def wrapper(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+        result = wrapped(*args, **kwargs)
+        try:
+            merge = sig.bind(instance, *args, **kwargs).arguments.get("merge", merge_default)
+        except TypeError:
+            merge = merge_default
+        if merge:
+            untie_after_merge(result if hasattr(result, "get_input_embeddings") else instance.model, log)
+        return result
+
+    return wrapper
+
+
+def apply(ctx: Any) -> None:
+    base = ctx.resolve(0)[2]
+    for cls in tuner_classes(base):
+        ctx.wrap(cls, METHOD, _make_wrapper(cls, ctx.log))
+
+
+def check(ctx: Any) -> str | None:
+    import inspect
+
+    base = ctx.resolve(0)[2]
+    classes = tuner_classes(base)
+    if not classes:
+        return f"no tuner class defines {METHOD} (peft restructured merging)"
+    lora = [c for c in classes if c.__name__ == "LoraModel"] or [c for c in classes if c is base]
+    if not lora:
+        return f"neither LoraModel nor BaseTuner defines {METHOD}"
+    params = inspect.signature(vars(lora[0])[METHOD]).parameters
+    if "merge" not in params:
+        return f"{lora[0].__name__}.{METHOD} has no 'merge' parameter ({', '.join(params)})"
+    return None
+
+
+# ----------------------------------------------------------------------------- probe
+def probe(ctx: Any) -> ProbeResult:
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from hfpatches._quiet import Quiet
+
+    with Quiet(rng=True), warnings.catch_warnings(record=True):   # the probe's own model: nothing shown
+        warnings.simplefilter("always")
+        cfg = transformers.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                                       max_position_embeddings=16, tie_word_embeddings=True)
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg)
+        object.__setattr__(model, QUIET, True)
+        pm = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "modules_to_save" in name and name.endswith("lm_head.modules_to_save.default.weight"):
+                    p.add_(1.0)            # the "trained" head
+        merged = pm.merge_and_unload()
+    tied = [type(c).__name__ for c in tied_configs(merged.config)]
+    differ = diverged(merged)
+    if not differ:
+        return ProbeResult(False, "after merge_and_unload the embeddings are still one tensor here")
+    if tied:
+        return ProbeResult(True, "merge_and_unload left lm_head and embed_tokens different while the config "
+                                 "still says tie_word_embeddings=True (a reload re-ties them)")
+    return ProbeResult(False, "merge_and_unload untied the config (tie_word_embeddings=False) as the embeddings diverged")

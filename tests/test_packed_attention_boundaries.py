@@ -211,7 +211,7 @@ def test_sft_trainer_padding_free_sdpa(tmp_path):
     model = _model("llama", "sdpa").train()
     try:
         args = trl.SFTConfig(output_dir=str(tmp_path), padding_free=True, report_to=[], use_cpu=True,
-                             per_device_train_batch_size=2, max_steps=1, save_strategy="no")
+                             per_device_train_batch_size=2, max_steps=1, save_strategy="no", max_length=None)
         trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
     except TypeError as e:
         pytest.skip(f"trl {trl.__version__}: {e}")

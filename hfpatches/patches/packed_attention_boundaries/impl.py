@@ -38,7 +38,9 @@ ARCHS = {
 MASKING = "transformers.masking_utils"
 IMPLS = ("eager", "sdpa")
 UPDATE_PARAMS = ("self", "attention_mask", "input_tensor", "cache_position", "past_key_values")
-PREPROCESS_PARAMS = ("config", "inputs_embeds", "attention_mask", "past_key_values", "position_ids")
+#: what ``_preprocess_mask_arguments`` must take (4.53.1-4.57 call the embeddings ``input_embeds``)
+PREPROCESS_PARAMS = ("config", "attention_mask", "past_key_values", "position_ids")
+EMBEDS = ("inputs_embeds", "input_embeds")
 FORWARD_NEEDS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds")
 
 # Set only inside a wrapped forward (always reset on exit): (sequence ids (B, T), from_cu_seq_lens).
@@ -182,7 +184,7 @@ def _preprocess(names: tuple[str, ...], wrapped: Any, instance: Any, args: Any, 
     if ids is None or not isinstance(result, tuple) or len(result) < 5 or result[0] or result[2] is not None:
         return result
     bound = _bind(names, args, kwargs)
-    x, cache = bound.get("inputs_embeds"), bound.get("past_key_values")
+    x, cache = bound.get(EMBEDS[0], bound.get(EMBEDS[1])), bound.get("past_key_values")
     torch = sys.modules["torch"]
     if bound.get("attention_mask") is not None or bound.get("encoder_hidden_states") is not None \
             or not _empty(cache) or not torch.is_tensor(x) or tuple(x.shape[:2]) != tuple(ids.shape) \
@@ -219,8 +221,10 @@ def _masking_shape(masking: Any) -> str | None:
     if pre is None or not hasattr(masking, "find_packed_sequence_indices"):
         return ("transformers.masking_utils has no packed-sequence detection (4.53.0's form): "
                 "its mask builders cannot be handed sequence boundaries")
-    if _params(pre)[: len(PREPROCESS_PARAMS)] != PREPROCESS_PARAMS:
-        return f"masking_utils._preprocess_mask_arguments signature is {_params(pre)}"
+    names = _params(pre)
+    if names[:1] != ("config",) or not all(n in names for n in PREPROCESS_PARAMS) \
+            or not any(n in names for n in EMBEDS):
+        return f"masking_utils._preprocess_mask_arguments signature is {names}"
     return None
 
 

@@ -9,7 +9,7 @@ Bug
     a ``DynamicCache`` whenever ``use_cache`` is on (the config default), so ``model(**batch)``
     still leaks on 5.x (the ``Trainer`` sets ``use_cache=False``).
 Affected
-    transformers >= 4.46 up to the newest checked (5.23.0; 4.53.1+ only with ``use_cache`` on).
+    transformers 4.47.1 up to the newest checked (5.23.0; 4.53.1+ only with ``use_cache`` on).
     Covered: Llama, Qwen2, Qwen3, Mistral, Gemma, Gemma2, Phi3. 4.53.0 is refused (TARGET_CHANGED).
     Table and method: docs/patches/packed_attention_boundaries.md.
 Upstream
@@ -32,9 +32,9 @@ PATCH = Patch(
     summary="Padding-free (packed) batches: eager/sdpa attention stays within each packed sequence "
             "(also with use_cache on 5.x); FlashAttention and generation untouched",
     upstream=("huggingface/transformers#39194",),
-    requires=("transformers>=4.46",),
+    requires=("transformers>=4.47",),
     fixed_in=None,
     targets=(),
     waits_for=("transformers.modeling_utils",),
-    affected="transformers >= 4.46 (4.53.1+: with use_cache on)",
+    affected="transformers >= 4.47 (4.53.1+: with use_cache on)",
 )

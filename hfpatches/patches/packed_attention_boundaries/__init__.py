@@ -1,0 +1,40 @@
+"""``packed_attention_boundaries``: packed sequences attend only within themselves (eager/sdpa).
+
+Bug
+    A padding-free batch (``DataCollatorWithFlattening``, TRL's ``padding_free=True``) is one row
+    whose ``position_ids`` restart at 0 for each sequence, without an attention mask. With
+    ``eager``/``sdpa`` the causal mask spans the whole row: every sequence attends to the ones
+    packed before it (tiny Llama: max |logit diff| 1.85e-1), in training and evaluation.
+    transformers >= 4.53.1 detects packing only when ``past_key_values is None``; the model makes
+    a ``DynamicCache`` whenever ``use_cache`` is on (the config default), so ``model(**batch)``
+    still leaks on 5.x (the ``Trainer`` sets ``use_cache=False``).
+Affected
+    transformers 4.47.1 up to the newest checked (5.23.0; 4.53.1+ only with ``use_cache`` on).
+    Covered: Llama, Qwen2, Qwen3, Mistral, Gemma, Gemma2, Phi3. 4.53.0 is refused (TARGET_CHANGED).
+    Table and method: docs/patches/packed_attention_boundaries.md.
+Upstream
+    huggingface/transformers#39194 (packing detection, 4.53.1; not with a cache).
+Probe
+    Two tiny sequences packed into one row of a tiny Llama (eager and sdpa, use_cache on and off)
+    against each run alone: bug <=> the second differs by more than 1e-4.
+What changes
+    The decoder's ``forward`` (``LlamaModel.forward`` ...) notes the sequences of a packed batch
+    (restarting ``position_ids`` or ``cu_seq_lens_q``) when the caller passed no attention mask and
+    no cache; the causal mask is then made block-diagonal (4.4x: ``_update_causal_mask``; 4.53.1+:
+    ``masking_utils._preprocess_mask_arguments`` gets the packing it skipped for the model's own
+    empty cache). A cache with content or given by the caller, padding masks, FlashAttention:
+    untouched.
+"""
+from hfpatches._declare import Patch
+
+PATCH = Patch(
+    id="packed_attention_boundaries",
+    summary="Padding-free (packed) batches: eager/sdpa attention stays within each packed sequence "
+            "(also with use_cache on 5.x); FlashAttention and generation untouched",
+    upstream=("huggingface/transformers#39194",),
+    requires=("transformers>=4.47",),
+    fixed_in=None,
+    targets=(),
+    waits_for=("transformers.modeling_utils",),
+    affected="transformers >= 4.47 (4.53.1+: with use_cache on)",
+)

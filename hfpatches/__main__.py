@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return loading.inspect_main(args)
     if args.cmd == "report":
-        from ._manifest import report_main
+        from ._manifest_report import report_main
 
         return report_main(args.path, args.json)
     return 2  # pragma: no cover

@@ -27,8 +27,6 @@ DTYPE_POLICY = "HFPATCHES_DTYPE_POLICY"
 DTYPE_POLICIES = ("backbone", "float32")
 #: Directory for the real test/demo weights (dequantized SmolLM2); default ``~/.cache/hfpatches``.
 CACHE = "HFPATCHES_CACHE"
-#: Internal: the pid whose start-up already ran ``HFPATCHES_AUTO`` (a child re-runs it).
-AUTOSTARTED = "_HFPATCHES_AUTOSTARTED"
 
 #: Launcher conventions, read (never set) for the run manifest: (rank, local rank, world size)
 #: variables, most specific first. torchrun and multi-process ``accelerate launch`` set the torch

@@ -117,7 +117,11 @@ def test_directory_layout_and_record_fields(tmp_path, fake, monkeypatch):
     [path] = logs.glob("*.json")
     assert path.name.startswith(f"{M.host()}-{os.getpid()}-") and not (tmp_path / "logs.d").exists()
     rec = json.loads(path.read_text())
-    assert rec["hfpatches_record"] == 1 and rec["pid"] == os.getpid() and rec["ppid"] == os.getppid()
+    assert rec["hfpatches_record"] == 2 and rec["pid"] == os.getpid() and rec["ppid"] == os.getppid()
+    assert path.name.endswith(f"-{rec['id']}.json") and len(rec["id"]) == 16 and rec["ended"] is None
+    # the timeline: DEFERRED by apply() (nothing live), then attached when the target was imported
+    assert [(e["live"], e["via"]) for e in rec["timeline"]] == [([], "apply"), ([fake.id], "import")]
+    assert rec["timeline_dropped"] == 0 and 0 <= rec["timeline"][0]["t"] <= rec["timeline"][1]["t"]
     assert (rec["rank"], rec["local_rank"], rec["world_size"], rec["rank_source"]) == (3, 1, 8, "RANK")
     assert rec["run"] == "torchelastic:abc" and rec["restart"] == 0
     assert rec["env"]["WORLD_SIZE"] == "8" and rec["env"]["HFPATCHES_REPORT"].endswith(os.sep)

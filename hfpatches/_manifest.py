@@ -1,22 +1,28 @@
-"""Run manifests: one record per process under ``HFPATCHES_REPORT``, read back by ``hfpatches report``.
+"""Run manifests, the writer: one record per interpreter under ``HFPATCHES_REPORT`` (read back by
+``hfpatches report``: ``_manifest_report.py``).
 
 A training run is many processes (``torchrun`` / ``accelerate launch`` ranks, DataLoader workers,
-subprocesses, the launcher itself), all started with the same environment. Each one writes *its
-own* record file and only ever rewrites that file, so no process overwrites another's record:
+subprocesses, the launcher itself), all started with the same environment. Each interpreter
+writes *its own* record file and only ever rewrites that file, so no process overwrites another's
+record:
 
 * ``HFPATCHES_REPORT=DIR/`` (an existing directory, or any value ending in ``/``): records are
-  ``DIR/<host>-<pid>-<start>-<random>.json``.
+  ``DIR/<host>-<pid>-<process start>-<record id>.json``.
 * ``HFPATCHES_REPORT=FILE`` (anything else, e.g. ``/logs/hfpatches.json``): records go to the
   directory ``FILE.d/`` beside it, and ``FILE`` itself is a small index naming that directory
   and the command that reads it. The index has the same content whoever writes it, and is only
   written when it is absent: it is never a last-writer-wins summary.
 
-Each write goes to a temporary file in the record's own directory, then ``os.replace``: a
-reader sees the old record or the new one, never half of one. No locks and no appends, so this
-holds on a local disk and on a shared (NFS-like) filesystem written from many hosts; names carry
-host, pid, start time and random bits, so they do not collide across hosts or pid reuse. Files
-are not fsynced (a host crash may lose the last update of that host's records, never corrupt
-another's; ``report`` names an unreadable record and skips it).
+Each write goes to a temporary folder beside the record, then ``os.replace`` (``_atomic``, the
+helper ``hfpatches.flair.atomic_save`` uses too): a reader sees the old record or the new one,
+never half of one. No locks and no appends, so this holds on a local disk and on a shared
+(NFS-like) filesystem written from many hosts. The record id is 64 random bits drawn once per
+interpreter: names do not collide across hosts, pid reuse, containers sharing a host name, or
+the interpreters one process runs in turn (``os.exec*`` keeps the pid and the process start).
+Files are not fsynced (a host crash may lose the last update of that host's records, never
+corrupt another's; ``report`` names an unreadable record and skips it). What a writer killed
+mid-write left (a temporary folder of a dead pid, older than 10 s) is removed at the next exit
+of a process writing there.
 
 The path is resolved (``os.path.realpath``) before anything is written: a symlink is followed,
 never replaced; a target that exists but is neither a directory nor a regular file (a device
@@ -25,20 +31,30 @@ such as ``/dev/stdout``, a FIFO, a socket) is refused with one WARNING. Any fail
 training goes on.
 
 When: a record is written when the process's outcomes are first known (``apply()``, also the
-``HFPATCHES_AUTO`` start-up one) and again only when one of them changes (a deferred patch
-attaching on import, a revert). A forked child that changes state writes a record of its own.
-The start-up write imports nothing new: no ``json``, ``tempfile``, ``socket`` or ``platform``
-(the record is serialised by ``_dumps`` below; the host name comes from ``os.uname``).
+``HFPATCHES_AUTO`` start-up one), again only when one of them changes (a deferred patch
+attaching on import, a revert, ``status()`` finding that somebody replaced a fix), and once at
+exit (the last state, checked by identity, and ``ended``). A forked child that changes state
+writes a record of its own; an ``exec``'d interpreter runs its own start-up and writes its own.
+The start-up write imports nothing new: no ``json``, ``tempfile``, ``socket``, ``platform`` or
+``fcntl`` (the record is serialised by ``_dumps`` below; the host name comes from ``os.uname``).
 
-Record fields: ``hfpatches_record`` (format, 1), ``pid``, ``ppid``, ``host``, ``started``
-(process start, UTC ISO 8601) and ``started_unix``, ``written``, ``argv0``, ``started_by``
-(``"multiprocessing"`` for spawn/forkserver children and multiprocessing helpers, ``"fork"`` for
-a fork of a recorded process, else null), ``forked_from``, ``rank`` / ``local_rank`` /
-``world_size`` and ``rank_source`` (the first launcher convention found, ``_env.RANK_SOURCES``),
-``run`` (the launch it belongs to: SLURM job step, torchelastic run id, or master address),
-``restart`` (torchelastic restart count), ``env`` (the launcher and ``HFPATCHES_*`` variables that
-were set), ``hfpatches``, ``python``, ``versions``, ``patches`` ({id: outcome, reason,
-target_version, in_range, bug_present}) and ``live`` (ids of the fixes live in that process).
+Record fields (format 2): ``hfpatches_record`` (2), ``id`` (this interpreter's record id),
+``pid``, ``ppid``, ``host``, ``started`` (process start, UTC ISO 8601) and ``started_unix``,
+``first_written`` (Unix time of this interpreter's first write), ``written``, ``argv0``,
+``started_by`` (``"multiprocessing"`` for spawn/forkserver children and multiprocessing helpers,
+``"fork"`` for a fork of a recorded process, else null), ``forked_from``, ``rank`` /
+``local_rank`` / ``world_size`` and ``rank_source`` (the first launcher convention found,
+``_env.RANK_SOURCES``), ``run`` (the launch id it belongs to: SLURM job step, torchelastic run
+id, or master address), ``restart`` (torchelastic restart count), ``env`` (the launcher and
+``HFPATCHES_*`` variables that were set), ``hfpatches``, ``python``, ``versions``, ``patches``
+({id: outcome, reason, target_version, in_range, bug_present}), ``live`` (ids of the fixes live
+now, or at exit), ``timeline`` (each change of what is live: ``{"t": seconds since the process
+started, "at": UTC time, "live": [ids], "via": "startup" | "apply" | "import" | "revert" |
+"check" | "exit"}``, the first entry at the first write; nothing of ours is live before it; at
+most ``TIMELINE_KEEP`` entries: the first and the latest), ``timeline_dropped`` (entries left
+out) and ``ended`` (``{"how": "exit", "at": ...}`` once the interpreter exited normally; null
+while it runs, or when it was killed or ``exec``'d: ``report`` recognises the latter by the
+later interpreter's record of the same process).
 """
 from __future__ import annotations
 

@@ -328,6 +328,9 @@ def analyse(records: list[dict], late: float = LATE_S) -> dict:
             starts = [r["started_unix"] for a in attempts for r in a if r["started_unix"] is not None]
             v = _verdict(run, latest, latest[0]["restart"] or 0)
             v["launch_started"] = _iso(min(starts)) if starts else None
+            for a in attempts:
+                for r in a:
+                    r["launch"] = min(starts) if starts else 0.0
             v["attempts"] = len(attempts)
             v["launches_in_run"] = len(launches)
             verdicts.append(v)
@@ -489,5 +492,5 @@ def _order(r: dict):
     """Ranks first (by launch, rank), then processes that carry a rank (children, launchers,
     earlier attempts), then the rest."""
     kind = 0 if r["role"] == "rank" else 1 if r["rank"] is not None else 2
-    return (kind, str(r["run"] or ""), r["rank"] if r["rank"] is not None else -1, r["host"], r["pid"],
-            r["started_unix"] or 0.0)
+    return (kind, str(r["run"] or ""), r.get("launch") or 0.0, r["rank"] if r["rank"] is not None else -1,
+            r["host"], r["pid"], r["started_unix"] or 0.0)

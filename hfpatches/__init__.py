@@ -57,7 +57,7 @@ def status() -> Report:
     from ._engine import ENGINE
 
     report = ENGINE.status()
-    ENGINE.write_manifest()
+    ENGINE.write_manifest("check")
     return report
 
 

@@ -71,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
 
         return _inspect.inspect_main(args)
     if args.cmd == "report":
-        from ._manifest import report_main
+        from ._manifest_report import report_main
 
         return report_main(args.path, args.json)
     return 2  # pragma: no cover

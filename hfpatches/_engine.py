@@ -168,6 +168,7 @@ class Engine:
         self.contexts: dict[str, PatchContext] = {}
         self.listeners: list[Any] = [self.write_manifest]  # called after an outcome changed
         self.manifest: Any = None                 # _manifest.Writer, made on the first write
+        self.via = "apply"                        # what last changed the outcomes (the record's timeline)
 
     @property
     def recorder(self) -> Recorder:
@@ -248,6 +249,12 @@ class Engine:
         return PatchResult(pid, Outcome.APPLIED, "live", **kw)
 
     def _revert_one(self, pid: str) -> list[str]:
+        """Revert ``pid`` as a unit (``Recorder.restore``); when something stands in the way the
+        patch stays whole and live-wired (its context, hooks and state kept) and the reasons are
+        returned."""
+        left = self._recorder.blocked(pid) if self._recorder is not None else []
+        if left:
+            return left
         ctx = self.contexts.pop(pid, None)
         if ctx is not None:
             ctx.close()
@@ -380,7 +387,7 @@ class Engine:
                 self.probe_for[pid] = probe
                 out[pid] = self.process(reg[pid], startup=startup)
             report = Report({pid: out[pid] for pid in reg if pid in out})
-            self._notify()
+            self._notify("startup" if startup else "apply")
         if strict:
             report.raise_for_failures()
         return report
@@ -397,7 +404,7 @@ class Engine:
                 res = self.process(patch, done=done)
             except Exception as e:  # never break the user's import because of us
                 res = self._set(patch_id, Outcome.FAILED, f"attach raised {type(e).__name__}: {e}")
-            self._notify()
+            self._notify("import")
         if self.strict_for.get(patch_id) and res.outcome not in OK_OUTCOMES:
             raise PatchError(Report({patch_id: res}))
 
@@ -426,7 +433,7 @@ class Engine:
                         out[pid] = self._set(pid, Outcome.DISABLED, "reverted before it attached")
                     else:
                         out[pid] = prev or PatchResult(pid, Outcome.DISABLED, "was not applied")
-            self._notify()
+            self._notify("revert")
             return Report(out)
 
     def status(self) -> Report:
@@ -444,15 +451,19 @@ class Engine:
             rec = self._recorder
             return [pid for pid in registry() if rec is not None and rec.live(pid)]
 
-    def _notify(self) -> None:
-        """Tell the listeners (the run manifest) that outcomes may have changed; each decides
-        itself whether anything did (the manifest compares the identity-checked status)."""
+    def _notify(self, via: str) -> None:
+        """Tell the listeners (the run manifest) that outcomes may have changed, and by what
+        (``startup``, ``apply``, ``import``, ``revert``); each decides itself whether anything
+        did (the manifest compares the identity-checked status)."""
+        self.via = via
         for fn in list(self.listeners):
             fn()
 
-    def write_manifest(self) -> None:
-        """This process's record under ``HFPATCHES_REPORT`` (``_manifest``: one file per process,
-        rewritten only when its state changed; never raises)."""
+    def write_manifest(self, via: str | None = None, end: bool = False) -> None:
+        """This process's record under ``HFPATCHES_REPORT`` (``_manifest``: one file per
+        interpreter, rewritten only when its state changed, with the timeline of what was live;
+        never raises). ``via``: what changed it (default: the last operation; ``status()``
+        passes ``check``); ``end``: at exit."""
         raw = _env.get_path(_env.REPORT)
         if raw:
             if self.manifest is None:
@@ -463,8 +474,8 @@ class Engine:
                 self.manifest = Writer()
                 # the last state, checked by identity at exit: an attribute somebody restored
                 # behind our back after the last outcome change is not reported as live
-                atexit.register(self.write_manifest)
-            self.manifest.write(self.status(), raw)
+                atexit.register(self.write_manifest, "exit", True)
+            self.manifest.write(self.status(), raw, via or self.via, end)
 
 
 ENGINE = Engine()

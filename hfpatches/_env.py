@@ -19,11 +19,11 @@ DISABLE = "HFPATCHES_DISABLE"
 STRICT = "HFPATCHES_STRICT"
 #: ``0``: trust the version ranges, skip the behavioural probes.
 PROBE = "HFPATCHES_PROBE"
-#: ``path``: run manifest: every process writes its own JSON record (pid, host, rank, versions,
-#: outcomes, live fixes), rewritten only when one of its outcomes changes. A directory (existing,
-#: or ending in ``/``) holds the records; any other path ``FILE`` is a small index with the records
-#: in ``FILE.d/`` (see ``_manifest.py``). Symlinks are followed, devices/FIFOs refused; a write
-#: failure is one WARNING, never an error.
+#: ``path``: run manifest: every interpreter writes its own JSON record (record id, pid, host, rank,
+#: versions, outcomes, live fixes, the timeline of what was live and how it ended), rewritten only
+#: when one of its outcomes changes and once at exit. A directory (existing, or ending in ``/``)
+#: holds the records; any other path ``FILE`` is a small index with the records in ``FILE.d/``.
+#: Symlinks are followed, devices/FIFOs refused; a write failure is one WARNING, never an error.
 REPORT = "HFPATCHES_REPORT"
 #: ``1``: apply at interpreter start (installed ``hfpatches_auto.pth``), no code change;
 #: ``0``/``false``/``no``/``off``/empty: off (nothing of hfpatches is imported).
@@ -39,8 +39,6 @@ DTYPE_POLICIES = ("backbone", "float32")
 #: ``dir``: where the real test/demo weights (dequantized SmolLM2) are cached; default
 #: ``~/.cache/hfpatches``.
 CACHE = "HFPATCHES_CACHE"
-#: Internal: the pid whose start-up already ran ``HFPATCHES_AUTO`` (a child re-runs it).
-AUTOSTARTED = "_HFPATCHES_AUTOSTARTED"
 
 #: Launcher conventions, read (never set) for the run manifest: (rank, local rank, world size)
 #: variables, most specific first. torchrun and multi-process ``accelerate launch`` set the torch

@@ -132,19 +132,28 @@ class Recorder:
                 gone.append(rec.path)
         return gone
 
+    def blocked(self, patch_id: str) -> list[str]:
+        """Why ``patch_id`` cannot be reverted now: its targets somebody else's object sits on
+        (empty: nothing stands in the way)."""
+        return [f"{rec.path} was patched again by someone else (e.g. a profiler wrapped it); the whole patch is "
+                "left in place: its targets are reverted together or not at all"
+                for rec in self.records(patch_id) if rec.state() == FOREIGN]
+
     def restore(self, patch_id: str) -> list[str]:
-        """Undo every mutation of ``patch_id``, newest first; return what could not be undone
-        (somebody else's object is there now: left in place, and forgotten once the original
-        is back)."""
-        left: list[str] = []
+        """Undo every mutation of ``patch_id``, newest first, as a unit; return what stands in the
+        way. A multi-target patch (a ``forward`` and the ``backward`` that reads what it saved)
+        is never half reverted: when any of its targets holds somebody else's object now (a
+        wrapper around ours), nothing is restored and every target stays as it is (status:
+        CONFLICT, the reason says which); once the original or our object is back there, the
+        next revert restores all of them. Targets somebody put back to the original are
+        forgotten."""
+        left = self.blocked(patch_id)
+        if left:
+            return left
         for key, rec in reversed(list(self._records.items())):
             if rec.patch_id != patch_id:
                 continue
-            state = rec.state()
-            if state == FOREIGN:
-                left.append(f"{rec.path} was patched again by someone else; left in place")
-                continue
-            if state == OURS:
+            if rec.state() == OURS:
                 if rec.had_own:
                     setattr(rec.owner, rec.name, rec.original)
                 else:

@@ -197,7 +197,7 @@ def restored_behind_our_back(pid, patch, arg):
 
 def my_record(report: str) -> dict:
     """This process's record under HFPATCHES_REPORT (one file per process)."""
-    from hfpatches import _manifest
+    from hfpatches import _manifest_report as _manifest
 
     records = _manifest.load(report)[0]
     return next(r for r in records if r.get("pid") == os.getpid())

@@ -601,3 +601,42 @@ def test_identity_status_and_revert_conflict_on_a_fake(fake):
     assert hfpatches.apply(only=[p.id])[p.id].outcome == Outcome.APPLIED
     hfpatches.revert([p.id])
     assert m.add is original
+
+
+def test_multi_target_patch_reverts_as_a_unit(fake):
+    """Issue 24 item 7: a patch with two targets, one of them wrapped by somebody else after
+    apply (a profiler wraps a patched ``forward``). ``revert()`` must never leave one target
+    restored and the other patched: the whole patch stays in place, CONFLICT with the reason;
+    once the other code puts our object back, revert restores both."""
+    mod = fake.imp()
+
+    def fix_both(ctx):
+        def add(a, b):
+            return a + b
+
+        def greet(self, name):
+            return "hi " + name
+
+        add.__module__ = greet.__module__ = mod.__name__
+        ctx.replace(mod, "add", add)
+        ctx.replace(mod.Base, "greet", greet)
+
+    p = fake.patch(apply=fix_both)
+    raw_add, raw_greet = mod.add, vars(mod.Base)["greet"]
+    assert hfpatches.apply(only=[p.id])[p.id].outcome == Outcome.APPLIED
+    ours_add, ours_greet = mod.add, vars(mod.Base)["greet"]
+
+    def profiled(a, b):   # somebody wraps our add
+        return ours_add(a, b)
+
+    profiled.__module__ = "a_profiler"
+    mod.add = profiled
+    r = hfpatches.revert([p.id])[p.id]
+    assert r.outcome == Outcome.CONFLICT and "add" in r.reason and "left in place" in r.reason, r
+    # the invariant: never one half patched and the other restored
+    assert vars(mod.Base)["greet"] is ours_greet, "greet was restored while add stays patched (half-reverted)"
+    assert mod.add is profiled and mod.Base().greet("x") == "hi x"
+    assert hfpatches.status()[p.id].outcome == Outcome.CONFLICT
+    mod.add = ours_add   # the profiler unwraps
+    assert hfpatches.revert([p.id])[p.id].outcome == Outcome.DISABLED
+    assert mod.add is raw_add and vars(mod.Base)["greet"] is raw_greet

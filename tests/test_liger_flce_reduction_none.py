@@ -344,3 +344,49 @@ def test_declaration():
     assert len(doc.strip().splitlines()) <= 30
     heads = [ln for ln in doc.splitlines() if ln and not ln.startswith(" ")][1:]
     assert heads == ["Bug", "Affected", "Upstream", "Probe", "What changes"], heads
+
+
+HALF_REVERT_CHILD = r'''
+import json, os
+assert os.environ.get("TRITON_INTERPRET") == "1"
+import torch
+import hfpatches
+from hfpatches.demos import liger_flce_reduction_none as D
+from hfpatches.patches.liger_flce_reduction_none import impl as P
+import liger_kernel.transformers  # noqa: F401
+from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as F
+
+out = {"outcome": hfpatches.apply(only=[P.PATCH_ID])[P.PATCH_ID].outcome.value}
+ours = vars(F)["forward"].__func__
+
+def profiled(*args, **kwargs):   # a profiler wraps the patched forward
+    return ours(*args, **kwargs)
+
+profiled.__module__ = "a_profiler"
+F.forward = staticmethod(profiled)
+rep = hfpatches.revert([P.PATCH_ID])[P.PATCH_ID]
+out["revert"] = [rep.outcome.value, rep.reason]
+out["backward_ours"] = getattr(vars(F)["backward"].__func__, "__hfpatches_patch__", None) == P.PATCH_ID
+try:
+    out["scenario"] = D.scenario(path="function")
+except Exception as e:
+    out["scenario"] = {"error": f"{type(e).__name__}: {e}"}
+print("RESULT " + json.dumps(out))
+'''
+
+
+def test_half_revert_never_pairs_patched_forward_with_unpatched_backward(stack):
+    """Issue 24 item 7 on the real kernel: the user wraps the patched ``forward`` (a profiler),
+    then reverts. ``backward`` stays ours too (CONFLICT, reason given), so a reduction="none"
+    backward still works and is exact (before: ValueError: too many values to unpack)."""
+    from conftest import run_py
+
+    proc = run_py(HALF_REVERT_CHILD, env={"TRITON_INTERPRET": "1"}, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    if stack != "affected" and out["outcome"] != "APPLIED":
+        pytest.skip(f"the patch is {out['outcome']} on this stack: nothing to half-revert")
+    assert out["revert"][0] == "CONFLICT" and "left in place" in out["revert"][1], out
+    assert out["backward_ours"], out
+    assert "error" not in out["scenario"] and _exact(out["scenario"]), out["scenario"]

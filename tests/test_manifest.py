@@ -117,7 +117,11 @@ def test_directory_layout_and_record_fields(tmp_path, fake, monkeypatch):
     [path] = logs.glob("*.json")
     assert path.name.startswith(f"{M.host()}-{os.getpid()}-") and not (tmp_path / "logs.d").exists()
     rec = json.loads(path.read_text())
-    assert rec["hfpatches_record"] == 1 and rec["pid"] == os.getpid() and rec["ppid"] == os.getppid()
+    assert rec["hfpatches_record"] == 2 and rec["pid"] == os.getpid() and rec["ppid"] == os.getppid()
+    assert path.name.endswith(f"-{rec['id']}.json") and len(rec["id"]) == 16 and rec["ended"] is None
+    # the timeline: DEFERRED by apply() (nothing live), then attached when the target was imported
+    assert [(e["live"], e["via"]) for e in rec["timeline"]] == [([], "apply"), ([fake.id], "import")]
+    assert rec["timeline_dropped"] == 0 and 0 <= rec["timeline"][0]["t"] <= rec["timeline"][1]["t"]
     assert (rec["rank"], rec["local_rank"], rec["world_size"], rec["rank_source"]) == (3, 1, 8, "RANK")
     assert rec["run"] == "torchelastic:abc" and rec["restart"] == 0
     assert rec["env"]["WORLD_SIZE"] == "8" and rec["env"]["HFPATCHES_REPORT"].endswith(os.sep)
@@ -442,3 +446,126 @@ def test_last_state_at_exit_is_checked_by_identity(tmp_path):
     [rec] = [json.loads(f.read_text()) for f in (tmp_path / "h.json.d").glob("*.json")]
     assert "meta_buffers" not in rec["live"], rec
     assert rec["patches"]["meta_buffers"]["outcome"] == "CONFLICT", rec["patches"]["meta_buffers"]
+
+
+# ----------------------------------------------------------------------------- issue 24: what was live *during* the run
+def test_exec_under_auto_start_runs_start_up_again_and_supersedes_the_old_record(tmp_path):
+    """Item 1: a launcher (HFPATCHES_AUTO) execs into the training script. The new interpreter
+    has the same pid and inherits the environment; it must apply the fixes itself (the guard is
+    per interpreter), write a record of its own, and the launcher's record must be recognised as
+    replaced by exec (not as a second rank 0, not as the process's state)."""
+    py = make_auto_venv(tmp_path / "venv")
+    child = ("import os, sys, json, torch, hfpatches; "
+             "print('CHILD ' + json.dumps([os.getpid(), hfpatches.status()['meta_buffers'].outcome]))")
+    code = ("import os, sys, torch, hfpatches; "
+            "assert hfpatches.status()['meta_buffers'].outcome == 'APPLIED'; sys.stdout.flush(); "
+            f"os.execv(sys.executable, [sys.executable, '-c', {child!r}])")
+    logs = tmp_path / "logs"
+    env = {"HFPATCHES_AUTO": "1", "HFPATCHES_REPORT": str(logs) + "/", "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1", "TORCHELASTIC_RUN_ID": "exec-test"}
+    proc = _py(code, env, python=py)
+    [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("CHILD ")]
+    pid, outcome = json.loads(line[len("CHILD "):])
+    assert outcome == "APPLIED", proc.stdout + proc.stderr   # before: the exec'd interpreter trained unpatched
+    recs = [r for r in _records(logs) if r["pid"] == pid]
+    assert len(recs) == 2 and len({r["id"] for r in recs}) == 2, recs
+    proc = _report(logs, "--json")
+    data = json.loads(proc.stdout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    roles = sorted(p["role"] for p in data["processes"] if p["pid"] == pid)
+    assert roles[0] == "rank" and roles[1].startswith("replaced by exec"), roles
+    [run] = data["runs"]
+    assert run["ranks"] == [0] and run["agree"], run
+
+
+def test_timeline_records_each_change_of_what_is_live(tmp_path):
+    """Item 2: training inside ``with patched(...)`` (reverted at the end) and a fix applied
+    only at the end of an unpatched run. The record keeps the timeline; report says the fix
+    was not live throughout on that rank (exit 1), with when it changed."""
+    logs = tmp_path / "logs"
+    base = {"HFPATCHES_REPORT": str(logs) + "/", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "tl"}
+    inside = ("import torch, hfpatches\n"
+              "with hfpatches.patched('meta_buffers'):\n"
+              "    torch.nn.Linear(2, 2).to_empty(device='cpu')\n")
+    _py(inside, {**base, "RANK": "0", "LOCAL_RANK": "0"})
+    _py("import torch, hfpatches; hfpatches.apply(only=['meta_buffers'])", {**base, "RANK": "1", "LOCAL_RANK": "1"})
+    by_rank = {r["rank"]: r for r in _records(logs)}
+    tl0 = by_rank[0]["timeline"]
+    assert [e["live"] for e in tl0] == [["meta_buffers"], []] and [e["via"] for e in tl0] == ["apply", "revert"], tl0
+    assert tl0[0]["t"] <= tl0[1]["t"] and by_rank[0]["timeline_dropped"] == 0 and by_rank[0]["ended"]["how"] == "exit"
+    proc = _report(logs)
+    assert proc.returncode == 1, proc.stdout + proc.stderr   # before: "live on every rank: none", exit 0
+    assert "rank 0: meta_buffers not live throughout" in proc.stdout and "(revert)" in proc.stdout, proc.stdout
+    data = json.loads(_report(logs, "--json").stdout)
+    assert {p["rank"]: p["throughout"] for p in data["processes"]} == {0: False, 1: True}, data["processes"]
+
+
+def _trec(pid, rank, timeline, **kw):
+    r = _rec(pid, rank, live=tuple(timeline[-1]["live"]) if timeline else ("meta_buffers",), **kw)
+    r.update(hfpatches_record=2, id=f"id{pid}", timeline=timeline, timeline_dropped=0, started_unix=1000.0)
+    return r
+
+
+@pytest.mark.parametrize("timeline, want", [
+    ([{"t": 0.05, "live": ["meta_buffers"], "via": "startup"}], None),
+    ([{"t": 3.0, "live": [], "via": "apply"}, {"t": 900.0, "live": ["meta_buffers"], "via": "import"}], None),
+    ([{"t": 4.0, "live": ["meta_buffers"], "via": "apply"}], None),
+    ([{"t": 612.0, "live": ["meta_buffers"], "via": "apply"}],
+     "at +612.0 s: meta_buffers went live (apply(), on a target already imported"),
+    ([{"t": 1.0, "live": ["meta_buffers"], "via": "apply"}, {"t": 50.0, "live": [], "via": "check"}],
+     "at +50.0 s: meta_buffers no longer live (check)"),
+], ids=["startup", "attached-on-import", "apply-at-start", "apply-late", "replaced-behind-our-back"])
+def test_report_judges_each_rank_timeline(tmp_path, capsys, timeline, want):
+    good = [{"t": 0.05, "live": ["meta_buffers"], "via": "startup"}]
+    rc, out, _ = _run(_write(tmp_path / "r", _trec(1, 0, good), _trec(2, 1, timeline)), capsys=capsys)
+    if want is None:
+        assert rc == 0 and "verdict: consistent" in out, out
+    else:
+        assert rc == 1 and want in out and "rank 1: meta_buffers not live throughout" in out, out
+
+
+def test_report_truncated_timeline_is_not_live_throughout(tmp_path, capsys):
+    r = _trec(2, 1, [{"t": 0.1, "live": ["meta_buffers"], "via": "startup"}])
+    r["timeline_dropped"] = 3
+    rc, out, _ = _run(_write(tmp_path / "r", _trec(1, 0, r["timeline"]), r), capsys=capsys)
+    assert rc == 1 and "3 earlier changes not kept" in out, out
+
+
+def test_report_tells_a_stale_launch_from_today_s(tmp_path, capsys):
+    """Item 3: one directory, one TORCHELASTIC_RUN_ID. Yesterday's launch restarted once;
+    today's ran at restart 0 with rank 1 missing a fix. Both launches are judged."""
+    day = 86400.0
+    recs = [_rec(11, 0, restart=0), _rec(12, 1, restart=0), _rec(21, 0, restart=1), _rec(22, 1, restart=1),
+            _rec(31, 0, restart=0), _rec(32, 1, restart=0, live=())]
+    for r, t in zip(recs, (1000.0, 1001.0, 1100.0, 1100.5, 1000.0 + day, 1000.7 + day)):
+        r["started_unix"] = t
+    rc, out, _ = _run(_write(tmp_path / "r", *recs), "--json", capsys=capsys)
+    data = json.loads(out)
+    roles = {p["pid"]: p["role"] for p in data["processes"]}
+    assert roles[11] == roles[12] == "rank, earlier attempt (restart 0)", roles
+    assert roles[21] == roles[22] == roles[31] == roles[32] == "rank", roles
+    assert rc == 1 and len(data["runs"]) == 2, data["runs"]
+    old, new = sorted(data["runs"], key=lambda v: v["launch_started"])
+    assert old["agree"] and old["restart"] == 1 and old["ranks"] == [0, 1]
+    assert not new["agree"] and new["restart"] == 0 and any("mixed code: meta_buffers" in p for p in new["problems"])
+
+
+@pytest.mark.parametrize("recs, want", [
+    ([_rec(1, 0), _rec(2, 1), _rec(3, 2)], "rank 2 is outside world size 2"),
+    ([_rec(1, 0, ws=None), _rec(2, 2, ws=None)], "no record from rank 1"),
+    ([_rec(1, -1, ws=0)], "world size 0"),
+    ([_rec(1, -1, ws=0)], "rank -1 is not a rank"),
+], ids=["rank-beyond-world-size", "gap-without-world-size", "world-size-zero", "negative-rank"])
+def test_report_impossible_rank_layouts(tmp_path, capsys, recs, want):
+    """Item 4: layouts that cannot be one run are not "consistent"."""
+    rc, out, _ = _run(_write(tmp_path / "r", *recs), capsys=capsys)
+    assert rc == 1 and want in out and "verdict: NOT consistent (exit 1)" in out, out
+
+
+def test_report_skips_only_its_own_record(tmp_path, capsys):
+    """Item 5: a record with the reader's (host, pid) (pids repeat across containers sharing a
+    host name) is another process's record unless it is the reader's own (by its id)."""
+    me = _rec(os.getpid(), 1, host=M.host())
+    rc, out, _ = _run(_write(tmp_path / "r", _rec(1, 0, host=M.host()), _rec(2, 1, host=M.host()), me),
+                      capsys=capsys)
+    assert rc == 1 and "rank 1 recorded by 2 processes" in out, out

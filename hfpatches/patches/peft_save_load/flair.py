@@ -56,7 +56,6 @@ import contextvars
 import copy
 import os
 import pickletools
-import stat
 import zipfile
 from typing import Any
 
@@ -592,162 +591,17 @@ def atomic_save(path, write, *, durable: bool = False) -> None:
     before returning: the new file survives a power loss on any file system. That waits for the
     disk (about 60 ms per 90 MB here), so it is off by default; ext4's default ``auto_da_alloc``
     already writes a file's data before a rename that replaces another file is committed."""
-    dest = os.path.realpath(os.fspath(path))
-    directory, base = os.path.split(dest)
-    try:
-        st = os.stat(dest)
-    except FileNotFoundError:
-        st = None
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        write(dest)  # a device or FIFO: what the caller asked for, exactly as without the patch
-        return
-    with contextlib.suppress(OSError):  # never fail a save because of someone else's leftovers
-        remove_stale_temporaries(directory)
-    folder = os.path.join(directory, _temp_name(base))
-    os.mkdir(folder, 0o700)
-    lock = _lock(folder)
-    tmp = os.path.join(folder, base)
-    try:
-        write(tmp)
-        if durable:
-            _sync(tmp, data_only=True)
-        if st is not None:
-            os.chmod(tmp, stat.S_IMODE(st.st_mode))
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    finally:
-        with contextlib.suppress(OSError):
-            os.rmdir(folder)
-        if lock is not None:
-            os.close(lock)
-    if durable:
-        with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
-            _sync(directory)
+    from hfpatches._atomic import replace_atomic
 
-
-# ----------------------------------------------------------------------------- stale temporaries
-_TMP_SUFFIX = ".hfpatches-tmp"
-#: a temporary younger than this is never removed (it may be between its creation and its lock)
-_MIN_STALE_AGE_S = 10.0
-#: a temporary written by hfpatches 0.1.0 (a plain file, no host, no lock) must be this old
-_MIN_STALE_AGE_LEGACY_S = 3600.0
-
-
-def _host_tag() -> str:
-    import hashlib
-    import re
-    import socket
-
-    host = socket.gethostname() or "localhost"
-    tag = re.sub(r"[^A-Za-z0-9-]", "-", host)
-    if len(tag) > 24 or tag != host:  # shortened or changed: a digest keeps hosts apart
-        tag = f"{tag[:16]}-{hashlib.sha1(host.encode()).hexdigest()[:7]}"
-    return tag
-
-
-def _temp_name(base: str) -> str:
-    short = base.encode()[:96].decode(errors="ignore")  # the folder name stays well under NAME_MAX
-    return f".{short}.{_host_tag()}.{os.getpid()}.{os.urandom(4).hex()}{_TMP_SUFFIX}"
-
-
-def _lock(folder: str):
-    """An open descriptor holding an exclusive ``flock`` on ``folder`` (None without fcntl)."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _pid_running(pid: int) -> bool:
-    if pid <= 0:
-        return True  # not a process id (os.kill would address a process group): never "dead"
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only (POSIX)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: it exists (another user's process)
-        return True
-    return True
+    replace_atomic(path, write, durable=durable, clean=True)
 
 
 def remove_stale_temporaries(directory) -> list[str]:
-    """Remove what saves killed mid-write left in ``directory``; return the names removed.
+    """Remove what saves killed mid-write left in ``directory``; return the names removed (see
+    ``hfpatches._atomic.remove_stale_temporaries``, shared with the run records): only
+    hfpatches' own ``.<name>.<host>.<pid>.<random>.hfpatches-tmp`` folders, and only when every
+    sign says their save is dead (this host, that pid not running here, older than 10 s, nobody
+    holding the folder's ``flock``); 0.1.0's plain temporary files after an hour. POSIX only."""
+    from hfpatches._atomic import remove_stale_temporaries as remove
 
-    Only hfpatches' own temporaries (``.<name>.<host>.<pid>.<random>.hfpatches-tmp`` folders),
-    and only when every sign says their save is dead: written on this host (a process id means
-    nothing across the hosts of a shared file system), that process id not running here, older
-    than 10 s, and nobody holding the folder's ``flock`` (a live save holds it for its whole run;
-    the kernel drops it when the process dies, whatever pid namespace it ran in). Only the files
-    directly inside are removed, then the folder; anything else there is left alone. Plain
-    ``.<name>.<pid>.<random>.hfpatches-tmp`` files written by hfpatches 0.1.0 (no host, no lock)
-    are removed when their process id is not running here and they were last written more than
-    an hour ago. POSIX only (elsewhere nothing is removed)."""
-    import logging
-    import re
-    import time
-
-    if os.name != "posix":
-        return []
-    import fcntl
-
-    directory = os.fspath(directory) or "."
-    host = _host_tag()
-    ours = re.compile(r"^\..*\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>[0-9]+)\.[0-9a-f]{8}" + re.escape(_TMP_SUFFIX) + "$",
-                      re.S)
-    legacy = re.compile(r"^\..*\.(?P<pid>[0-9]+)\.[0-9a-f]{8}" + re.escape(_TMP_SUFFIX) + "$", re.S)
-    now = time.time()
-    removed = []
-    with os.scandir(directory) as it:
-        entries = [e for e in it if e.name.endswith(_TMP_SUFFIX) and e.name.startswith(".")]
-    for e in entries:
-        try:
-            if e.is_dir(follow_symlinks=False):
-                m = ours.match(e.name)
-                if (m is None or m["host"] != host or _pid_running(int(m["pid"]))
-                        or now - e.stat(follow_symlinks=False).st_mtime < _MIN_STALE_AGE_S):
-                    continue
-                fd = os.open(e.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_DIRECTORY", 0))
-                try:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except OSError:
-                        continue  # locked: a live save (another pid namespace, a reused pid)
-                    with os.scandir(e.path) as inner:
-                        for f in inner:
-                            if f.is_file(follow_symlinks=False):
-                                os.unlink(f.path)
-                    os.rmdir(e.path)  # fails (kept) if anything else is in there
-                finally:
-                    os.close(fd)
-            elif e.is_file(follow_symlinks=False):
-                m = legacy.match(e.name)
-                if (m is None or _pid_running(int(m["pid"]))
-                        or now - e.stat(follow_symlinks=False).st_mtime < _MIN_STALE_AGE_LEGACY_S):
-                    continue
-                os.unlink(e.path)
-            else:
-                continue
-        except (OSError, ValueError):
-            continue  # gone meanwhile, or not ours to touch
-        removed.append(e.name)
-        logging.getLogger("hfpatches").info("removed %s, left in %s by a save that was killed mid-write",
-                                            e.name, directory)
-    return removed
-
-
-def _sync(path: str, data_only: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        (getattr(os, "fdatasync", os.fsync) if data_only else os.fsync)(fd)
-    finally:
-        os.close(fd)
+    return remove(directory)

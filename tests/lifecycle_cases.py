@@ -19,6 +19,11 @@ from hfpatches._registry import registry
 _MISSING = object()
 
 
+#: modules a patch with no (or not only) declared targets changes when they are imported: the cases
+#: import them too, so that what the patch does is there to be checked (read from the recorder)
+DYNAMIC_IMPORTS = {"packed_attention_boundaries": ["transformers.models.llama.modeling_llama"]}
+
+
 def import_targets(patch) -> bool:
     """Import the patch's target modules; False when the target is not installed here."""
     if any(m.split(".")[0] == "flash_attn" for m in patch.modules):
@@ -28,7 +33,7 @@ def import_targets(patch) -> bool:
 
         install_flash_attn_cpu_stubs()
     try:
-        for m in patch.modules:
+        for m in (*patch.modules, *DYNAMIC_IMPORTS.get(patch.id, ())):
             importlib.import_module(m)
     except ImportError:
         return False
@@ -46,6 +51,28 @@ def snapshot(patch) -> dict:
             continue
         out[t.path] = (owner, name, raw, name in getattr(owner, "__dict__", {}))
     return out
+
+
+def recorded(pid: str) -> list:
+    """What the recorder says ``pid`` changed (owner, name, original, had_own): also the changes no
+    declared target names (classes wrapped per architecture, subclasses)."""
+    return [(m.owner, m.name, m.original, m.had_own) for m in ENGINE._records(pid)]
+
+
+def same_recorded(recs: list) -> str:
+    for owner, name, original, had_own in recs:
+        path = f"{getattr(owner, '__qualname__', owner)}.{name}"
+        if had_own and owner.__dict__.get(name, _MISSING) is not original:
+            return f"{path} is not the original object"
+        if not had_own and name in owner.__dict__:
+            return f"{path}: own attribute added"
+    return "same"
+
+
+def or_recorded(saved: dict, pid: str) -> dict:
+    """``saved`` (the declared targets before apply) or, for a patch without declared targets, what
+    the recorder says it replaced (in the same form)."""
+    return saved or {f"{getattr(o, '__qualname__', o)}.{n}": (o, n, raw, own) for o, n, raw, own in recorded(pid)}
 
 
 def same(before: dict) -> str:
@@ -110,14 +137,16 @@ def apply_revert_apply_identity(pid, patch, arg):
     ok = import_targets(patch)
     before = snapshot(patch)
     a = outcome(hfpatches.apply(only=[pid]), pid)
-    changed = same(before) != "same"
+    recs = recorded(pid)
+    changed = same(before) != "same" or (bool(recs) and same_recorded(recs) != "same")
     r = outcome(hfpatches.revert([pid]), pid)
-    after_revert = same(before)
+    after_revert = same(before) if same(before) != "same" else same_recorded(recs)
     hfpatches.get_original(pid)
     c = outcome(hfpatches.apply(only=[pid]), pid)
     hfpatches.revert([pid])
+    final = same(before) if same(before) != "same" else same_recorded(recs)
     return dict(installed=ok, first=a, changed=changed, revert=r, after_revert=after_revert, again=c,
-                final=same(before))
+                final=final)
 
 
 def revert_without_apply(pid, patch, arg):
@@ -181,6 +210,7 @@ def restored_behind_our_back(pid, patch, arg):
     ok = import_targets(patch)
     saved = snapshot(patch)
     first = outcome(hfpatches.apply(only=[pid]), pid)
+    saved = or_recorded(saved, pid)
     for owner, name, raw, own in saved.values():
         if own:
             setattr(owner, name, raw)
@@ -209,6 +239,7 @@ def revert_conflict_then_original_back(pid, patch, arg):
     ok = import_targets(patch)
     saved = snapshot(patch)
     first = outcome(hfpatches.apply(only=[pid]), pid)
+    saved = or_recorded(saved, pid)
 
     def foreign(*a, **k):
         raise AssertionError("foreign")

@@ -32,8 +32,9 @@ PATCH = Patch(
     upstream=("huggingface/peft#2777", "huggingface/peft#3126", "huggingface/transformers#45127"),
     requires=("peft<0.19.0",),
     fixed_in="peft>=0.19.0",
-    targets=(Target("peft.tuners.tuners_utils", "BaseTuner"),),
+    # LoRA's method is the one declared (and checked); every other tuner class that defines its own
+    # ``_unload_and_optionally_merge`` (IA3, OFT, ...) is wrapped the same way at apply
+    targets=(Target("peft.tuners.lora.model", "LoraModel._unload_and_optionally_merge"),),
     # every tuner module (LoRA, IA3, ...) must be imported before the classes are walked
-    waits_for=("peft",),
-    affected="peft <= 0.18.1 (0.11.1-0.18.1 measured)",
+    waits_for=("peft", "peft.tuners.tuners_utils"),
 )

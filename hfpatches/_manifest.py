@@ -63,7 +63,7 @@ import sys
 
 from ._declare import LIBRARIES as _VERSIONED  # (distribution, module): __version__ recorded when imported
 from ._env import RANK_SOURCES, RUN_VARS  # the launcher variables, documented there
-from ._report import BAD_OUTCOMES as _BAD, LIVE_OUTCOMES as _LIVE  # the outcome sets, defined once
+from ._report import LIVE_OUTCOMES as _LIVE  # the outcome sets, defined once
 
 RECORD_FORMAT = 2
 

@@ -4,6 +4,7 @@ hfpatches, and reloads exactly with it. Also the scenario the tests and the vers
 from __future__ import annotations
 
 import tempfile
+from typing import Any
 
 PID = "peft_merge_untie"
 
@@ -46,7 +47,7 @@ def train_and_merge(model, *, save: str = "lm_head", steps: int = 3, merge: str 
     return out.eval(), ids
 
 
-def save_and_reload(model) -> object:
+def save_and_reload(model: Any) -> Any:
     """``save_pretrained`` then ``from_pretrained`` of the same class (safetensors, in a temp dir)."""
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)

@@ -10,6 +10,7 @@ recorder, per-sequence comparison) that the tests and GPU tests use.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 import warnings
 
 from . import _common
@@ -157,7 +158,7 @@ def run(say) -> bool:
     model = tiny_llama(len(tok), device=device, dtype=dtype, attn_implementation="flash_attention_2").eval()
     feed = {k: v.to(device) for k, v in batch.items()}
     hfpatches.revert([PID])
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for stage in ("without hfpatches", "with hfpatches"):
         if stage == "with hfpatches":
             r = hfpatches.apply(only=[PID])[PID]

@@ -54,7 +54,7 @@ def keep_eos(batch: Any, examples: Any, tokenizer: Any) -> None:
     if hasattr(ids, "new_tensor"):       # torch
         import torch
 
-        padded = torch.tensor(pad, dtype=torch.bool, device=ids.device)
+        padded: Any = torch.tensor(pad, dtype=torch.bool, device=ids.device)
     else:
         import numpy as np
 

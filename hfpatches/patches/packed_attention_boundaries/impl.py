@@ -101,7 +101,7 @@ def packed_ids(model: Any, kwargs: dict[str, Any]) -> Any:
     torch = sys.modules.get("torch")
     if torch is None or _is_tracing(torch):
         return None
-    x = kwargs.get("input_ids")
+    x: Any = kwargs.get("input_ids")
     if x is None:
         x = kwargs.get("inputs_embeds")
     if not torch.is_tensor(x) or x.dim() < 2:
@@ -109,12 +109,12 @@ def packed_ids(model: Any, kwargs: dict[str, Any]) -> Any:
     b, t = int(x.shape[0]), int(x.shape[1])
     if t < 2:
         return None
-    cu = kwargs.get("cu_seq_lens_q")
+    cu: Any = kwargs.get("cu_seq_lens_q")
     if cu is not None:
         ids = _ids_from_cu(cu, b, t, x.device, torch)
         if ids is not None:
             return ids
-    pos = kwargs.get("position_ids")
+    pos: Any = kwargs.get("position_ids")
     return None if pos is None else _ids_from_positions(pos.to(x.device), b, t, torch)
 
 
@@ -167,7 +167,7 @@ def _update_causal_mask(names: tuple[str, ...], wrapped: Any, instance: Any, arg
     if ids is None:
         return mask
     bound = _bind(names[1:], args, kwargs)
-    x = bound.get("input_tensor")
+    x: Any = bound.get("input_tensor")
     torch = sys.modules["torch"]
     if bound.get("attention_mask") is not None or not _empty(bound.get("past_key_values")) \
             or not torch.is_tensor(x) or tuple(x.shape[:2]) != tuple(ids.shape) \
@@ -184,7 +184,8 @@ def _preprocess(names: tuple[str, ...], wrapped: Any, instance: Any, args: Any, 
     if ids is None or not isinstance(result, tuple) or len(result) < 5 or result[0] or result[2] is not None:
         return result
     bound = _bind(names, args, kwargs)
-    x, cache = bound.get(EMBEDS[0], bound.get(EMBEDS[1])), bound.get("past_key_values")
+    x: Any = bound.get(EMBEDS[0], bound.get(EMBEDS[1]))
+    cache = bound.get("past_key_values")
     torch = sys.modules["torch"]
     if bound.get("attention_mask") is not None or bound.get("encoder_hidden_states") is not None \
             or not _empty(cache) or not torch.is_tensor(x) or tuple(x.shape[:2]) != tuple(ids.shape) \
@@ -248,7 +249,7 @@ def check() -> str | None:
 
 
 def _attach_arch(ctx: Any, arch: str, mod: Any) -> None:
-    cls = getattr(mod, ARCHS[arch], None)
+    cls: Any = getattr(mod, ARCHS[arch], None)
     forward = vars(cls).get("forward") if isinstance(cls, type) else None
     names = _params(forward)[1:] if forward is not None else ()
     if not all(n in names for n in FORWARD_NEEDS):
@@ -291,7 +292,7 @@ def _tiny_llama(torch: Any, impl: str) -> Any:
                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
     config._attn_implementation = impl
     with torch.random.fork_rng(devices=[]):
-        model = transformers.LlamaForCausalLM(config)
+        model: Any = transformers.LlamaForCausalLM(config)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():

@@ -35,7 +35,7 @@ def tuner_classes(base: Any) -> list[Any]:
 def tied_configs(config: Any) -> list[Any]:
     """The config objects that say ``tie_word_embeddings=True``: the config itself and the text
     sub-config ``get_text_config(decoder=True)`` reads (what transformers' ``tie_weights`` reads)."""
-    found = []
+    found: list[Any] = []
     candidates = [config]
     get_text = getattr(config, "get_text_config", None)
     if callable(get_text):
@@ -146,7 +146,7 @@ def probe(ctx: Any) -> ProbeResult:
                                        num_attention_heads=2, num_key_value_heads=1, head_dim=4,
                                        max_position_embeddings=16, tie_word_embeddings=False)
         torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(cfg)
+        model: Any = transformers.LlamaForCausalLM(cfg)
         model.lm_head.weight = model.model.embed_tokens.weight      # tied, as tie_weights() does
         model._tied_weights_keys = []
         object.__setattr__(model, QUIET, True)

@@ -7,7 +7,9 @@ from typing import Any
 
 from hfpatches._declare import ProbeResult
 
-PATCH_ID = "collator_keep_eos"
+from . import PATCH
+
+PATCH_ID = PATCH.id
 MODULE = "transformers.data.data_collator"
 CLASS = "DataCollatorForLanguageModeling"
 

@@ -6,7 +6,9 @@ from typing import Any
 
 from hfpatches._declare import ProbeResult
 
-PATCH_ID = "liger_ce_reduction_none"
+from . import PATCH
+
+PATCH_ID = PATCH.id
 MODULE = "liger_kernel.ops.cross_entropy"
 CLASS = "LigerCrossEntropyFunction"
 MARK = "__hfpatches_patch__"        # set on our replacement (how tests tell the fix is live)

@@ -8,9 +8,11 @@ from typing import Any
 
 from hfpatches._declare import ProbeResult, raw_getattr
 
+from . import PATCH
+
 __all__ = ["needs_division"]
 
-PATCH_ID = "trainer_grad_accum_scaling"
+PATCH_ID = PATCH.id
 TRAINER_MODULE = "transformers.trainer"
 
 

@@ -262,3 +262,25 @@ def test_composes_with_liger_and_trl_patches(stack):
                         start += len(s)
     finally:
         hfpatches.revert(ids)
+
+
+@pytest.mark.parametrize("first", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Trainer"])
+def test_apply_then_import_a_model_class(first):
+    """apply() first, then the user's own ``from transformers import X``: the probe runs from the
+    hook on modeling_utils while X's module is still importing. It must never FAIL there, and the
+    class the user imports is fixed (packed == alone)."""
+    import json
+    import subprocess
+
+    code = (
+        "import json, hfpatches, torch; hfpatches.apply(only=['packed_attention_boundaries'])\n"
+        f"from transformers import {first}\n"
+        "from hfpatches.patches.packed_attention_boundaries import impl\n"
+        "r = hfpatches.status()['packed_attention_boundaries']\n"
+        "m = impl._tiny_model(torch, 'sdpa', 'qwen2' if 'Qwen2' in '" + first + "' else 'llama')\n"
+        "print(json.dumps([r.outcome.value, r.reason, impl.leak(m, torch, use_cache=False)]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    outcome, reason, leak = json.loads(out.stdout.strip().splitlines()[-1])
+    assert outcome == "APPLIED", reason
+    assert leak < 1e-4, (leak, reason)

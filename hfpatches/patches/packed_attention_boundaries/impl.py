@@ -249,6 +249,13 @@ def check() -> str | None:
 
 
 def _attach_arch(ctx: Any, arch: str, mod: Any) -> None:
+    if _mid_import(mod.__name__):
+        # apply() ran from a hook inside this module's own import (``from transformers import
+        # LlamaForCausalLM`` -> modeling_utils' hook): its classes do not exist yet, and no import
+        # hook fires for it any more. The first model built after it finished attaches it.
+        ctx.state.setdefault("pending", set()).add(arch)
+        return
+    ctx.state.setdefault("pending", set()).discard(arch)
     cls: Any = getattr(mod, ARCHS[arch], None)
     forward = vars(cls).get("forward") if isinstance(cls, type) else None
     names = _params(forward)[1:] if forward is not None else ()
@@ -272,6 +279,9 @@ def _attach_arch(ctx: Any, arch: str, mod: Any) -> None:
 
 
 def apply(ctx: Any) -> None:
+    import threading
+
+    ctx.state["lock"] = threading.Lock()
     masking = _masking_module()
     if masking is not None:
         reason = _masking_shape(masking)
@@ -282,17 +292,51 @@ def apply(ctx: Any) -> None:
         ctx.state["masking"] = masking
     for arch in ARCHS:
         ctx.on_import(module_name(arch), functools.partial(_attach_arch, ctx, arch))
+    base = ctx.module("transformers.modeling_utils").PreTrainedModel
+    ctx.wrap(base, "post_init", functools.partial(_post_init, ctx))
+
+
+def _post_init(ctx: Any, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    """Every model's ``__init__`` ends in ``post_init``: attach the architectures whose modules were
+    mid-import when apply() ran (nothing to do, and one dict lookup, otherwise)."""
+    pending = ctx.state.get("pending")
+    if pending:
+        with ctx.state["lock"]:
+            for arch in sorted(pending):
+                mod = sys.modules.get(module_name(arch))
+                if mod is not None and not _mid_import(mod.__name__) and arch in pending:
+                    _attach_arch(ctx, arch, mod)
+    return wrapped(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- probe
-def _tiny_llama(torch: Any, impl: str) -> Any:
-    import transformers
+#: architectures the probe can build (config class, model class), tried in order
+PROBE_ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+               "mistral": ("MistralConfig", "MistralForCausalLM")}
 
-    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+
+def _mid_import(name: str) -> bool:
+    mod = sys.modules.get(name)
+    return mod is not None and bool(getattr(getattr(mod, "__spec__", None), "_initializing", False))
+
+
+def _probe_arch() -> str | None:
+    """The first architecture whose modeling module is not being imported right now: the probe runs
+    from the hook on ``transformers.modeling_utils``, which completes while the user's own
+    ``from transformers import LlamaForCausalLM`` is still importing ``modeling_llama``."""
+    return next((a for a in PROBE_ARCHS if not _mid_import(module_name(a))), None)
+
+
+def _tiny_model(torch: Any, impl: str, arch: str) -> Any:
+    import importlib
+
+    config_cls, model_cls = PROBE_ARCHS[arch]
+    config = getattr(importlib.import_module(f"transformers.models.{arch}.configuration_{arch}"), config_cls)(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
     config._attn_implementation = impl
     with torch.random.fork_rng(devices=[]):
-        model: Any = transformers.LlamaForCausalLM(config)
+        model: Any = getattr(importlib.import_module(module_name(arch)), model_cls)(config)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -316,15 +360,26 @@ def probe() -> ProbeResult:
 
     from hfpatches._quiet import Quiet
 
+    arch = _probe_arch()
+    if arch is None:
+        return ProbeResult(None, "not probed: every architecture it builds is being imported right now")
+    name = PROBE_ARCHS[arch][1].replace("ForCausalLM", "")
     worst: dict[str, float] = {}
     with Quiet():
         for impl in IMPLS:
-            model = _tiny_llama(torch, impl)
+            try:
+                model = _tiny_model(torch, impl, arch)
+            except (ImportError, AttributeError) as e:
+                if "partially initialized" not in str(e):
+                    raise
+                # the user's own import of a model class is still running (5.x: modeling_layers is
+                # half-initialised): a model cannot be built yet; said, not guessed
+                return ProbeResult(None, f"not probed: transformers is mid-import here ({e})")
             for cache in (True, False):
                 worst[f"{impl}, use_cache={cache}"] = leak(model, torch, use_cache=cache)
     bad = {k: v for k, v in worst.items() if v > 1e-4}
     if bad:
-        return ProbeResult(True, "tiny Llama, two packed sequences: the second differs from itself alone by "
+        return ProbeResult(True, f"tiny {name}, two packed sequences: the second differs from itself alone by "
                            + ", ".join(f"{v:.2e} ({k})" for k, v in bad.items()))
-    return ProbeResult(False, f"tiny Llama, two packed sequences: each equals itself alone "
+    return ProbeResult(False, f"tiny {name}, two packed sequences: each equals itself alone "
                        f"(max |diff| {max(worst.values()):.1e}, eager/sdpa, use_cache on/off)")

@@ -39,7 +39,10 @@ The start-up write imports nothing new: no ``json``, ``tempfile``, ``socket``, `
 ``fcntl`` (the record is serialised by ``_dumps`` below; the host name comes from ``os.uname``).
 
 Record fields (format 2): ``hfpatches_record`` (2), ``id`` (this interpreter's record id),
-``pid``, ``ppid``, ``host``, ``started`` (process start, UTC ISO 8601) and ``started_unix``,
+``pid``, ``ppid`` (the parent at this interpreter's first write, for a fork the forking process:
+a child that outlives its parent, e.g. multiprocessing's resource tracker, is re-parented before
+its exit write and still names the process that started it), ``host``, ``started`` (process
+start, UTC ISO 8601) and ``started_unix``,
 ``first_written`` (Unix time of this interpreter's first write), ``written``, ``argv0``,
 ``started_by`` (``"multiprocessing"`` for spawn/forkserver children and multiprocessing helpers,
 ``"fork"`` for a fork of a recorded process, else null), ``forked_from``, ``rank`` /
@@ -157,6 +160,7 @@ class Writer:
         self.started: float | None = None
         self.first: float | None = None
         self.forked_from: int | None = None
+        self.ppid: int | None = None
         self.last: tuple | None = None
         self.timeline: list[dict] = []
         self.dropped = 0
@@ -187,6 +191,8 @@ class Writer:
                 self.forked_from, self.file, self.last = self.pid, None, None
                 self.timeline, self.dropped, self.ended, self.first = [], 0, None, None
             self.pid = pid
+            # the parent now, not at each write: by the exit write it may be gone (re-parented)
+            self.ppid = self.forked_from if self.forked_from is not None else os.getppid()
             self.id = os.urandom(8).hex()
             self.started = process_start()
         started: float = self.started
@@ -214,7 +220,7 @@ class Writer:
                 write_atomic(index, index_text(index), replace=False)
             self.first = now
             self.file = os.path.join(records, record_name(host(), pid, started, self.id or ""))
-        rec = build_record(report, pid=pid, started=started, forked_from=self.forked_from)
+        rec = build_record(report, pid=pid, ppid=self.ppid, started=started, forked_from=self.forked_from)
         rec.update({"id": self.id, "first_written": round(self.first or now, 3), "timeline": self.timeline,
                     "timeline_dropped": self.dropped, "ended": self.ended})
         write_atomic(self.file, _dumps(rec, indent=True) + "\n")
@@ -330,7 +336,7 @@ def _started_by(forked_from: int | None) -> str | None:
     return None
 
 
-def build_record(report, *, pid: int | None = None, started: float | None = None,
+def build_record(report, *, pid: int | None = None, ppid: int | None = None, started: float | None = None,
                  forked_from: int | None = None) -> dict:
     """The record of this process for ``report`` (its ``status()``)."""
     import time
@@ -352,7 +358,7 @@ def build_record(report, *, pid: int | None = None, started: float | None = None
     rec = {
         "hfpatches_record": RECORD_FORMAT,
         "pid": os.getpid() if pid is None else pid,
-        "ppid": os.getppid(),
+        "ppid": os.getppid() if ppid is None else ppid,
         "host": host(),
         "started": _iso(started),
         "started_unix": round(started, 3),

@@ -203,6 +203,41 @@ print(json.dumps([os.getpid(), child]))
     assert recs[child]["started_by"] == "fork" and recs[child]["ppid"] == parent
 
 
+def test_child_outliving_its_parent_still_names_it(tmp_path):
+    """A child that exits after its parent (multiprocessing's resource tracker outlives the rank
+    that started it) is re-parented before its exit write; its record keeps the pid of the
+    process that started it, so ``report`` shows it as that rank's child, not a second rank."""
+    done = tmp_path / "child.json"
+    child = f"""
+import json, os, time, hfpatches
+parent = os.getppid()
+hfpatches.apply(only=["meta_buffers"])   # the first write: the parent is alive
+print("ready", flush=True)
+deadline = time.time() + 60
+while os.getppid() == parent and time.time() < deadline:
+    time.sleep(0.01)
+open({str(done)!r}, "w").write(json.dumps([os.getpid(), parent, os.getppid()]))
+"""   # exits normally: the exit write comes after the parent is gone
+    code = f"""
+import subprocess, sys, hfpatches
+hfpatches.apply(only=["meta_buffers"])
+c = subprocess.Popen([sys.executable, "-c", {child!r}], stdout=subprocess.PIPE, text=True)
+assert c.stdout.readline() == "ready\\n"
+print(c.pid)
+"""   # the parent exits without waiting; run() returns once the child closed the inherited stderr
+    env = {"HFPATCHES_REPORT": str(tmp_path / "r") + "/", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "TORCHELASTIC_RUN_ID": "t1"}
+    proc = _py(code, env)
+    pid, parent, ppid_at_exit = json.loads(done.read_text())
+    assert pid == int(proc.stdout) and ppid_at_exit != parent   # it did outlive the parent
+    recs = {r["pid"]: r for r in _records(tmp_path / "r")}
+    assert set(recs) == {parent, pid} and recs[pid]["ended"] is not None and recs[pid]["rank"] == 0
+    assert recs[pid]["ppid"] == parent, recs[pid]
+    rep = _report(tmp_path / "r", "--json")
+    roles = {p["pid"]: p["role"] for p in json.loads(rep.stdout)["processes"]}
+    assert rep.returncode == 0 and roles == {parent: "rank", pid: f"child of {parent}"}, rep.stdout
+
+
 def test_start_up_imports_nothing_new(tmp_path):
     """``import hfpatches; apply()`` with HFPATCHES_REPORT set imports no module that the same
     call without it does not (no json/tempfile/socket/platform/re), and writes the record."""
@@ -394,6 +429,29 @@ def test_report_ranks_started_by_multiprocessing_spawn(tmp_path, capsys):
     rc, out, _ = _run(_write(tmp_path / "r", *recs), "--json", capsys=capsys)
     roles = {p["pid"]: p["role"] for p in json.loads(out)["processes"]}
     assert rc == 0 and roles == {50: "process", 51: "rank", 52: "rank", 53: "child of 52 (multiprocessing)"}, roles
+
+
+def test_report_rank_children_are_not_duplicate_ranks(tmp_path, capsys):
+    """torchrun's ranks with a spawn DataLoader worker and multiprocessing's resource tracker each
+    (they inherit RANK): the children are shown as their rank's children and the run agrees; a
+    process claiming rank 1 that no rank started is still a second rank 1."""
+    ranks = [_rec(100, None, ppid=1, run=None), _rec(101, 0, ppid=100), _rec(102, 1, ppid=100)]
+    children = [_rec(103, 0, ppid=101, started_by="multiprocessing"), _rec(104, 1, ppid=102, started_by="multiprocessing"),
+                _rec(105, 0, ppid=101, started_by="multiprocessing", live=()),   # resource trackers: nothing imported
+                _rec(106, 1, ppid=102, started_by="multiprocessing", live=())]
+    rc, out, _ = _run(_write(tmp_path / "ok", *ranks, *children), "--json", capsys=capsys)
+    data = json.loads(out)
+    roles = {p["pid"]: p["role"] for p in data["processes"]}
+    assert rc == 0 and data["consistent"], data["runs"]
+    assert roles == {100: "process", 101: "rank", 102: "rank", 103: "child of 101 (multiprocessing)",
+                     104: "child of 102 (multiprocessing)", 105: "child of 101 (multiprocessing)",
+                     106: "child of 102 (multiprocessing)"}, roles
+    [run] = data["runs"]
+    assert run["ranks"] == [0, 1] and run["live"] == ["meta_buffers"], run
+    for stray in (_rec(107, 1, ppid=100), _rec(107, 1, ppid=1, started_by="multiprocessing")):
+        # a second rank 1 of the launch, or a child whose record does not name rank 1 as its parent
+        rc, out, _ = _run(_write(tmp_path / f"dup{stray['ppid']}", *ranks, *children, stray), capsys=capsys)
+        assert rc == 1 and "rank 1 recorded by 2 processes (pids 102, 107)" in out, out
 
 
 def test_report_single_process_and_legacy_manifest(tmp_path, capsys):

@@ -14,7 +14,6 @@ PATCHES = (
         requires=('accelerate<1.15.0',),
         fixed_in='accelerate>=1.15.0',
         targets=(Target(module='accelerate', attr='data_loader.skip_first_batches', params=('dataloader', 'num_batches')),),
-        affected='accelerate < 1.15.0 (measured 0.34.2-1.14.0)',
         impl='hfpatches.patches.accelerate_resume_epoch.impl',
     ),
     Patch(
@@ -47,7 +46,6 @@ PATCHES = (
         requires=('liger-kernel>=0.5.0,<0.5.9',),
         fixed_in='liger-kernel>=0.5.9',
         targets=(Target(module='liger_kernel.ops.cross_entropy', attr='LigerCrossEntropyFunction.backward', params=('ctx', 'grad_output')),),
-        affected='liger-kernel 0.5.0-0.5.8',
         impl='hfpatches.patches.liger_ce_reduction_none.impl',
         waits_for=('liger_kernel.ops',),
     ),
@@ -86,10 +84,9 @@ PATCHES = (
         upstream=('huggingface/transformers#39194',),
         requires=('transformers>=4.47',),
         fixed_in=None,
-        targets=(),
-        affected='transformers >= 4.47 (4.53.1+: with use_cache on)',
+        targets=(Target(module='transformers.modeling_utils', attr='PreTrainedModel.post_init', params=None),),
+        affected='4.53.1+ only with use_cache on; 4.53.0 refused (TARGET_CHANGED)',
         impl='hfpatches.patches.packed_attention_boundaries.impl',
-        waits_for=('transformers.modeling_utils',),
     ),
     Patch(
         id='peft_merge_untie',
@@ -130,7 +127,6 @@ PATCHES = (
         requires=('transformers>=4.48.1,<4.53',),
         fixed_in='transformers>=4.53',
         targets=(Target(module='transformers.trainer', attr='Trainer.training_step', params=('self', 'model', 'inputs', 'num_items_in_batch')),),
-        affected='transformers 4.48.1-4.52.4',
         impl='hfpatches.patches.trainer_grad_accum_scaling.impl',
     ),
     Patch(

@@ -27,9 +27,8 @@ import sys
 
 from ._env import RANK_SOURCES
 from ._manifest import _iso, _kind
-from ._report import BAD_OUTCOMES
+from ._report import BAD_OUTCOMES as _BAD  # the outcome set, defined once
 
-_BAD = tuple(sorted(BAD_OUTCOMES))
 #: ranks of one attempt start within this many seconds of each other
 ATTEMPT_GAP_S = 300.0
 #: a fix applied (not attached on import) this long after its process started is late

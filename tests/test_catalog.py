@@ -193,13 +193,13 @@ def test_readme_tables_are_generated():
 
 
 def test_libraries_listed_once():
-    from hfpatches import _doctor, _manifest
+    from hfpatches import _doctor, _manifest, _manifest_report
     from hfpatches._declare import LIBRARIES
     from hfpatches._report import BAD_OUTCOMES, LIVE_OUTCOMES
 
     assert _doctor.STACK == tuple(d for d, _ in LIBRARIES)
     assert _manifest._VERSIONED is LIBRARIES
-    assert _manifest._LIVE is LIVE_OUTCOMES and _manifest._BAD is BAD_OUTCOMES
+    assert _manifest._LIVE is LIVE_OUTCOMES and _manifest_report._BAD is BAD_OUTCOMES
 
 
 # ----------------------------------------------------------------------------- 20.3 advisories

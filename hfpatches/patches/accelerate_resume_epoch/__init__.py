@@ -35,5 +35,4 @@ PATCH = Patch(
     # accelerate``; once the package is complete, every accelerate module that imported the
     # function by name exists.
     targets=(Target("accelerate", "data_loader.skip_first_batches", params=("dataloader", "num_batches")),),
-    affected="accelerate < 1.15.0 (measured 0.34.2-1.14.0)",
 )

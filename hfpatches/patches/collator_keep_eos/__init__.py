@@ -22,6 +22,7 @@ What changes
     ``HFPATCHES_COLLATOR_KEEP_EOS=1``.
 """
 from hfpatches._declare import Patch, Target
+from hfpatches._env import COLLATOR_KEEP_EOS
 
 _MODULE = "transformers.data.data_collator"
 
@@ -37,6 +38,6 @@ PATCH = Patch(
     # transformers.data imports the module inside its own __init__: wait for the package too
     waits_for=("transformers.data",),
     default_enabled=False,
-    enable_env="HFPATCHES_COLLATOR_KEEP_EOS",
+    enable_env=COLLATOR_KEEP_EOS,
     affected="transformers (all versions checked: by design upstream)",
 )

@@ -38,5 +38,4 @@ PATCH = Patch(
     # as liger_flce_reduction_none: liger-kernel imports its ops modules in the middle of
     # liger_kernel.ops' __init__ in some releases; wait for the package too
     waits_for=("liger_kernel.ops",),
-    affected="liger-kernel 0.5.0-0.5.8",
 )

@@ -15,17 +15,17 @@ Affected
 Upstream
     huggingface/transformers#39194 (packing detection, 4.53.1; not with a cache).
 Probe
-    Two tiny sequences packed into one row of a tiny Llama (eager and sdpa, use_cache on and off)
-    against each run alone: bug <=> the second differs by more than 1e-4.
+    Two tiny sequences packed into one row of a tiny Llama (Qwen2 while Llama is mid-import; eager
+    and sdpa, use_cache on and off) against each run alone: bug <=> the second differs by > 1e-4.
 What changes
     The decoder's ``forward`` (``LlamaModel.forward`` ...) notes the sequences of a packed batch
     (restarting ``position_ids`` or ``cu_seq_lens_q``) when the caller passed no attention mask and
     no cache; the causal mask is then made block-diagonal (4.4x: ``_update_causal_mask``; 4.53.1+:
     ``masking_utils._preprocess_mask_arguments`` gets the packing it skipped for the model's own
     empty cache). A cache with content or given by the caller, padding masks, FlashAttention:
-    untouched.
+    untouched. ``PreTrainedModel.post_init`` attaches architectures imported mid-apply.
 """
-from hfpatches._declare import Patch
+from hfpatches._declare import Patch, Target
 
 PATCH = Patch(
     id="packed_attention_boundaries",
@@ -34,7 +34,8 @@ PATCH = Patch(
     upstream=("huggingface/transformers#39194",),
     requires=("transformers>=4.47",),
     fixed_in=None,
-    targets=(),
-    waits_for=("transformers.modeling_utils",),
-    affected="transformers >= 4.47 (4.53.1+: with use_cache on)",
+    # the decoders of ARCHS (impl.py) are wrapped as their modules are imported; the one fixed
+    # target catches an architecture whose module was still importing when apply() ran
+    targets=(Target("transformers.modeling_utils", "PreTrainedModel.post_init"),),
+    affected="4.53.1+ only with use_cache on; 4.53.0 refused (TARGET_CHANGED)",
 )

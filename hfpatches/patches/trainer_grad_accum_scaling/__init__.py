@@ -11,7 +11,8 @@ Affected
     not fix (4.46.0-4.48.0, the last incomplete window up to 4.54.1): docs/patches/trainer_grad_accum_scaling.md.
 Upstream
     huggingface/transformers#35651 (4.48.1: the condition that misses this case); 4.53.0 adds
-    ``or num_items_in_batch is None``. Related: #35438, #37766, #38837.
+    ``or num_items_in_batch is None``. Also #37766. The related variants are advisories
+    (``tf_ga_no_kwargs_models``, ``tf_ga_last_window``).
 Probe
     The installed ``Trainer.training_step`` on a stand-in trainer (GA=2, model accepting loss
     kwargs, ``num_items_in_batch=None``, loss 1.0): bug <=> backward is not handed 0.5.
@@ -34,5 +35,4 @@ PATCH = Patch(
     fixed_in="transformers>=4.53",
     targets=(Target("transformers.trainer", "Trainer.training_step",
                     params=("self", "model", "inputs", "num_items_in_batch")),),
-    affected="transformers 4.48.1-4.52.4",
 )

@@ -4,9 +4,13 @@ Bug
     liger-kernel 0.5.6 routes every model's ``lce_forward`` through ``loss_utils``, which hands all
     loss kwargs to ``liger_fused_linear_cross_entropy``: a padding-free batch (FlashAttention's
     ``cu_seq_lens_*`` / ``max_length_*``) raises ``TypeError: unexpected keyword argument
-    'cu_seq_lens_q'`` in ``train()``; and the decoder never receives those keys.
+    'cu_seq_lens_q'`` in ``train()``; and the decoder never receives those keys. liger-kernel
+    0.6.3 passes ``**kwargs`` from ``fixed_fused_linear_cross_entropy`` to the functional again:
+    the same TypeError (its forward does hand the keys to the decoder).
 Affected
-    liger-kernel 0.5.6 (0.5.5 had no loss_utils; fixed in 0.5.7, decoder hand-off in 0.6.0).
+    liger-kernel 0.5.6 (0.5.5 had no loss_utils; fixed in 0.5.7, decoder hand-off in 0.6.0), and
+    0.6.3-0.6.4 (regressed; fixed for good in 0.6.5, which filters the keys in
+    ``LigerForCausalLMLoss``). Measured on transformers 4.51.3 and 4.56.2.
 Upstream
     linkedin/Liger-Kernel#650, fixed by #651; #708.
 Probe
@@ -25,8 +29,10 @@ PATCH = Patch(
     summary="Liger's fused linear cross-entropy: padding-free batches (FlashAttention kwargs) no "
             "longer raise TypeError in train(); the kwargs reach the decoder",
     upstream=("linkedin/Liger-Kernel#650", "linkedin/Liger-Kernel#651", "linkedin/Liger-Kernel#708"),
-    requires=("liger-kernel>=0.5.6,<0.5.7",),
-    fixed_in="liger-kernel>=0.5.7",
+    # one line (every requires line must hold): 0.5.6, and 0.6.3-0.6.4 where the pass-through came
+    # back; the releases between them were measured without the bug (docs table)
+    requires=("liger-kernel>=0.5.6,!=0.5.7,!=0.5.8,!=0.5.9,!=0.5.10,!=0.6.0,!=0.6.1,!=0.6.2,<0.6.5",),
+    fixed_in="liger-kernel>=0.6.5",
     # Declared on the package: its post-import hook fires once ``liger_kernel.transformers`` has
     # finished importing (loss_utils is imported in the middle of it, whichever module the user
     # names); the attribute path then reaches loss_utils.

@@ -115,9 +115,10 @@ def _make_resolver(ctx, entry_code, loss_keys: frozenset, warned: set):
                 ctx.log.warning(
                     "%s: keyword %r reached Liger's fused loss, which does not take it: dropped. "
                     "transformers' own loss ignores it too, but transformers' forward also hands every "
-                    "keyword to the decoder and liger-kernel 0.5.6's forward does not (this patch hands "
-                    "on FlashAttention's keys only): if %r is meant for the decoder or attention, it has "
-                    "no effect here. (Said once per key.)", PATCH_ID, key, key)
+                    "keyword to the decoder; liger-kernel 0.5.6's forward does not (this patch hands on "
+                    "FlashAttention's keys only; 0.6.3-0.6.4's forward hands on every key): there, if %r "
+                    "is meant for the decoder or attention, it has no effect. (Said once per key.)",
+                    PATCH_ID, key, key)
         return args
 
     return resolve

@@ -241,8 +241,6 @@ def test_composes_with_liger_and_trl_patches(stack):
     assert rep[PID].outcome == hfpatches.Outcome.APPLIED, rep
     try:
         from hfpatches.demos import liger_flash_kwargs as liger_demo
-        from hfpatches.patches.trl_padding_free_kwargs.impl import documented
-
         model = _model("llama", "sdpa")
         b = demo.packed()
         n = [len(s) for s in demo.SEQS]
@@ -251,7 +249,10 @@ def test_composes_with_liger_and_trl_patches(stack):
                  "max_length_k": torch.tensor([max(n)])}
         with liger_demo.liger_forward("llama"):
             liger_demo.apply_liger("llama")
-            for feed in (batch, documented(batch)):
+            # TRL's (1, n+1) form, and transformers' documented one (1-D int32, int max lengths)
+            documented = {**batch, "cu_seq_lens_q": cu[0], "cu_seq_lens_k": cu[0],
+                          "max_length_q": max(n), "max_length_k": max(n)}
+            for feed in (batch, documented):
                 feed = {k: v for k, v in feed.items() if k != "labels"}
                 with torch.no_grad():
                     out = model(**feed).logits[0]

@@ -209,4 +209,6 @@ def test_smollm2_real_weights(affected, smollm_dir):
         assert before["tied"] and before["diff"] > 0.1, before
     _apply(affected)
     after = case()
-    assert after["diff"] == 0.0 and not after["tied"], after
+    # the trained head survives the round trip: what is left is float32 rounding of logits ~600
+    # (the bug's difference is > 0.1 above)
+    assert after["diff"] <= 1e-6 * after["scale"] and not after["tied"], after

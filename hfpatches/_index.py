@@ -21,7 +21,7 @@ PATCHES = (
         id='collator_keep_eos',
         summary='opt-in: DataCollatorForLanguageModeling(mlm=False) with pad == eos masks only the padding it added, real EOS tokens keep their labels',
         upstream=('huggingface/transformers#23530',),
-        requires=('transformers>=4.46',),
+        requires=('transformers>=4.40',),
         fixed_in=None,
         targets=(Target(module='transformers.data.data_collator', attr='DataCollatorForLanguageModeling.torch_call', params=('self', 'examples')), Target(module='transformers.data.data_collator', attr='DataCollatorForLanguageModeling.numpy_call', params=('self', 'examples'))),
         default_enabled=False,

@@ -87,7 +87,7 @@ PATCHES = (
         requires=('transformers>=4.41',),
         fixed_in=None,
         targets=(),
-        affected='transformers >= 4.41 (4.53.1+: with use_cache on)',
+        affected='4.53.1+: only with use_cache on; 4.53.0 refused; 4.40 has the bug, not covered',
         impl='hfpatches.patches.packed_attention_boundaries.impl',
         waits_for=('transformers.modeling_utils',),
     ),

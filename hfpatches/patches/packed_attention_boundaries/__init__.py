@@ -37,5 +37,5 @@ PATCH = Patch(
     fixed_in=None,
     targets=(),
     waits_for=("transformers.modeling_utils",),
-    affected="transformers >= 4.41 (4.53.1+: with use_cache on)",
+    affected="4.53.1+: only with use_cache on; 4.53.0 refused; 4.40 has the bug, not covered",
 )

@@ -6,8 +6,9 @@ Bug
     ``pad_token = eos_token``; then every real EOS is masked too and the model never learns to
     stop. Silent: the loss looks normal.
 Affected
-    transformers (4.51.3 and 5.23.0 measured); upstream keeps it by design, so this patch is
-    opt-in. Table: docs/patches/collator_keep_eos.md.
+    transformers (4.40.0 to 5.23.0 measured; declared from 4.40, the oldest the lab ran, the
+    behaviour is older); upstream keeps it by design, so this patch is opt-in. Table:
+    docs/patches/collator_keep_eos.md.
 Upstream
     huggingface/transformers#23530 (open).
 Probe
@@ -31,7 +32,7 @@ PATCH = Patch(
     summary="opt-in: DataCollatorForLanguageModeling(mlm=False) with pad == eos masks only the padding "
             "it added, real EOS tokens keep their labels",
     upstream=("huggingface/transformers#23530",),
-    requires=("transformers>=4.46",),
+    requires=("transformers>=4.40",),
     fixed_in=None,
     targets=(Target(_MODULE, "DataCollatorForLanguageModeling.torch_call", params=("self", "examples")),
              Target(_MODULE, "DataCollatorForLanguageModeling.numpy_call", params=("self", "examples"))),

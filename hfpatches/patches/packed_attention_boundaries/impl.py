@@ -7,7 +7,7 @@ Two hooks per covered decoder class, and one per stack shape:
   the attention is eager or sdpa and the row holds several sequences (``cu_seq_lens_q`` or
   restarting ``position_ids``), the sequence index of every token is put in a context variable for
   the duration of the call (and reset after; nested models set their own).
-* shape "update" (4.46-4.52): ``<Arch>Model._update_causal_mask`` (wrapped): upstream's mask (causal,
+* shape "update" (4.41-4.52): ``<Arch>Model._update_causal_mask`` (wrapped): upstream's mask (causal,
   sliding window, static/hybrid cache length) with every cross-sequence pair masked too;
   where upstream returns None (sdpa's ``is_causal``) the block-diagonal causal mask is built.
 * shape "masking_utils" (4.53.1+): ``masking_utils._preprocess_mask_arguments`` (wrapped): where

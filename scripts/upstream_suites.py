@@ -9,7 +9,8 @@ The sdist (which ships the tests) is downloaded once into ``.cache/sdists/`` and
 TESTPATH is relative to it (``tests/test_data_loader.py``). Both runs use the stack's venv
 (``.venvs/<stack>``, whose installed PKG must be VERSION), the same test ids and the same
 environment except ``HFPATCHES_AUTO``; the script prints every test whose outcome differs and exits 1
-if any does (a test that fails in both runs, e.g. one that needs the hub, is no difference). Not part
+if any does (a test that fails in both runs, e.g. one that needs the hub, is no difference), and exits 2
+when pytest ran nothing (no results, or no test id selected). Not part
 of ``make test`` (it downloads); results go in the docs page of the patch it checks.
 """
 from __future__ import annotations
@@ -140,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     plain = run(python, src, args.paths, False, extra, args.timeout, deps)
     auto = run(python, src, args.paths, True, extra, args.timeout, deps)
     ids = sorted(set(plain) | set(auto))
+    if not ids:
+        # A wrong path or a -k that selects nothing: nothing was compared, so no "0 differ".
+        print(f"upstream_suites: no test ran for {' '.join(args.paths)} (-k {args.k!r})", file=sys.stderr)
+        return 2
     diff = [(t, plain.get(t, "absent"), auto.get(t, "absent")) for t in ids if plain.get(t) != auto.get(t)]
     counts = {k: sum(1 for t in ids if plain.get(t) == k) for k in ("passed", "failed", "skipped")}
     print(f"{args.spec} {' '.join(args.paths)} on .venvs/{args.stack}: {len(ids)} test ids; without hfpatches "

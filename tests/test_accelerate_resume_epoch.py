@@ -262,3 +262,27 @@ def test_accelerate_1_14_overlay(py):
         assert demo.score(res["patched"][kind]) == (5, 0, 5), res["patched"][kind]
     _trainer_expectations(res["unpatched"]["trainer"], res["patched"]["trainer"],
                           affected=trainer_path_affected("1.14.0"))
+
+
+def test_xla_wrapped_loaders_carry_the_epoch():
+    """Under XLA ``skip_first_batches`` takes and returns accelerate's ``MpDeviceLoaderWrapper``
+    (the ``DataLoaderShard`` that owns the epoch is its ``_loader``): the inner loader gets the
+    epoch. Stand-in wrappers (no torch_xla here) around real loaders; accelerate's own function is
+    replaced by one that builds what it builds under XLA."""
+    if not in_range():
+        pytest.skip("accelerate >= 1.15.0: the patch is not applied")
+    import accelerate.data_loader as m
+
+    class XlaWrapper:            # what MpDeviceLoaderWrapper holds: the shard as ``_loader``
+        def __init__(self, loader):
+            self._loader = loader
+
+    def under_xla(dataloader, num_batches=0):
+        inner = dataloader._loader
+        return XlaWrapper(m.DataLoaderShard(inner.dataset, batch_size=1, generator=torch.Generator()))
+
+    _apply()
+    old = m.DataLoaderShard(impl._epoch_dataset(), batch_size=1, generator=torch.Generator())
+    old.set_epoch(1)
+    new = impl.carry_epoch(under_xla, None, (XlaWrapper(old), 1), {})
+    assert isinstance(new, XlaWrapper) and new._loader.iteration == 1

@@ -172,3 +172,20 @@ def test_declaration():
     assert len(doc.strip().splitlines()) <= 30
     heads = [ln for ln in doc.splitlines() if ln and not ln.startswith(" ")][1:]
     assert heads == ["Bug", "Affected", "Upstream", "Probe", "What changes"], heads
+
+
+@pytest.mark.parametrize("rt", ["pt", "np"])
+@pytest.mark.parametrize("as_dicts", [True, False])
+def test_prepadded_without_attention_mask_never_labels_padding(rt, as_dicts):
+    """Examples padded with EOS before the collator, with no attention_mask: nothing says where
+    the padding starts, so a run of EOS keeps upstream's -100 (the padding must never get a
+    label); a lone EOS in the same batch still gets its label back."""
+    from transformers import DataCollatorForLanguageModeling
+
+    _apply()
+    tok = P.tiny_tokenizer()
+    eos = tok.eos_token_id
+    rows = [[3, 4, eos, eos, eos], [5, eos, 6, eos, eos], [3, eos, 4]]
+    examples = [{"input_ids": r} for r in rows] if as_dicts else rows
+    labels = _labels(DataCollatorForLanguageModeling(tokenizer=tok, mlm=False, return_tensors=rt)(examples))
+    assert labels.tolist() == [[3, 4, -100, -100, -100], [5, eos, 6, -100, -100], [3, eos, 4, -100, -100]]

@@ -285,3 +285,23 @@ def test_apply_then_import_a_model_class(first):
     outcome, reason, leak = json.loads(out.stdout.strip().splitlines()[-1])
     assert outcome == "APPLIED", reason
     assert leak < 1e-4, (leak, reason)
+
+
+@pytest.mark.parametrize("impl_", ["eager", "sdpa"])
+@pytest.mark.parametrize("positions", [[0, 1, 2, 5, 6, 7], [0, 1, 2, 2, 3, 4], [4, 5, 6, 9, 10, 11]])
+def test_positions_with_gaps_but_no_restart_are_not_packing(impl_, positions):
+    """Position ids that skip or repeat but never restart at 0 (PoSE-style training, hand-made
+    positions) are one sequence: the patched model gives upstream's logits bit for bit, use_cache
+    on and off. (4.53.1+ upstream itself splits them without a cache; the patch adds nothing.)"""
+    model = _model("llama", impl_)
+    ids = torch.tensor([[3, 7, 1, 5, 2, 8]])
+    pos = torch.tensor([positions])
+
+    def run():
+        with torch.no_grad():
+            return [model(input_ids=ids, position_ids=pos, use_cache=c).logits for c in (False, True)]
+
+    un = run()
+    _apply()
+    pa = run()
+    assert all(torch.equal(x, y) for x, y in zip(un, pa))

@@ -36,12 +36,24 @@ def carry_epoch(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         return new
     mod = sys.modules.get(MODULE)
     kinds: tuple[Any, ...] = tuple(k for k in (getattr(mod, n, None) for n in KINDS) if isinstance(k, type))
-    old = _loader_arg(args, kwargs)
-    if kinds and isinstance(new, kinds) and isinstance(old, kinds) and new is not old:
+    old, new_ = _epoch_owner(_loader_arg(args, kwargs), kinds), _epoch_owner(new, kinds)
+    if old is not None and new_ is not None and new_ is not old:
         epoch = getattr(old, "iteration", None)
-        if isinstance(epoch, int) and getattr(new, "iteration", None) != epoch:
-            new.iteration = epoch
+        if isinstance(epoch, int) and getattr(new_, "iteration", None) != epoch:
+            new_.iteration = epoch
     return new
+
+
+def _epoch_owner(loader: Any, kinds: tuple[Any, ...]) -> Any:
+    """The ``DataLoaderShard``/``DataLoaderDispatcher`` that owns ``loader``'s epoch: itself, or
+    under XLA the one inside accelerate's ``MpDeviceLoaderWrapper`` (``_loader``), which
+    ``skip_first_batches`` both takes and returns there. None for anything else."""
+    if not kinds:
+        return None
+    if isinstance(loader, kinds):
+        return loader
+    inner = getattr(loader, "_loader", None)
+    return inner if isinstance(inner, kinds) else None
 
 
 def _is_ours(value: Any) -> bool:

@@ -26,19 +26,36 @@ def _ints(x: Any) -> list[int]:
     return [int(v) for v in (tolist() if callable(tolist) else x)]
 
 
-def padding_mask(examples: Any, width: int, side: str) -> list[list[bool]]:
+def _unmarked(ids: list[int], eos: Any) -> list[bool]:
+    """Which tokens of an example *without* an ``attention_mask`` count as real: all but the EOS
+    tokens in a run of two or more, which is what padding with EOS before the collator looks like
+    (nothing says where such padding starts, so the whole run keeps upstream's -100: padding never
+    gets a label; a lone EOS does)."""
+    real = [True] * len(ids)
+    if eos is None:
+        return real
+    for i, v in enumerate(ids):
+        if v == eos and ((i > 0 and ids[i - 1] == eos) or (i + 1 < len(ids) and ids[i + 1] == eos)):
+            real[i] = False
+    return real
+
+
+def padding_mask(examples: Any, width: int, side: str, eos: Any = None) -> list[list[bool]]:
     """``True`` where a row of the collated batch (``width`` columns) is padding: the positions
     the collator added (right or left of the example, as ``side``) and the positions an example's
-    own ``attention_mask`` marks 0. Everything else is a token of the example."""
+    own ``attention_mask`` marks 0; without one, runs of two or more ``eos`` (``_unmarked``).
+    Everything else is a token of the example."""
     rows = []
     for ex in examples:
         if isinstance(ex, Mapping):
-            n = len(_ints(ex["input_ids"]))
+            ids = _ints(ex["input_ids"])
+            n = len(ids)
             own = ex.get("attention_mask")
-            real = [bool(v) for v in _ints(own)] if own is not None else [True] * n
+            real = [bool(v) for v in _ints(own)] if own is not None else _unmarked(ids, eos)
         else:
-            n = len(_ints(ex))
-            real = [True] * n
+            ids = _ints(ex)
+            n = len(ids)
+            real = _unmarked(ids, eos)
         if len(real) != n or n > width:
             raise ValueError(f"{PATCH_ID}: an example of {n} tokens does not fit the collated width {width}")
         pad = [True] * (width - n)
@@ -51,8 +68,8 @@ def keep_eos(batch: Any, examples: Any, tokenizer: Any) -> None:
     """In ``batch["labels"]`` (torch or numpy), give real EOS tokens their label back."""
     ids, labels = batch["input_ids"], batch["labels"]
     width = ids.shape[-1]
-    pad = padding_mask(examples, width, tokenizer.padding_side)
     eos = tokenizer.eos_token_id
+    pad = padding_mask(examples, width, tokenizer.padding_side, eos)
     if hasattr(ids, "new_tensor"):       # torch
         import torch
 

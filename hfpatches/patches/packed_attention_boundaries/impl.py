@@ -78,14 +78,16 @@ def _ids_from_cu(cu: Any, b: int, t: int, device: Any, torch: Any) -> Any:
 
 
 def _ids_from_positions(position_ids: Any, b: int, t: int, torch: Any) -> Any:
-    """(B, T) sequence ids where ``position_ids`` do not go up by one (upstream's rule), or None
-    when no row holds more than one sequence."""
+    """(B, T) sequence ids where ``position_ids`` restart at 0 (what every padding-free collator
+    writes), or None when no row holds more than one sequence. Narrower than upstream's rule (any
+    step other than +1, 4.53.1+): positions with gaps or repeats and no restart (PoSE-style
+    skipped positions, hand-made position ids) are not packing and keep upstream's mask."""
     if not torch.is_tensor(position_ids) or position_ids.dim() != 2 or position_ids.shape[-1] != t \
             or position_ids.shape[0] not in (1, b) or position_ids.is_floating_point():
         return None
     pos = position_ids.expand(b, -1)
     first = pos[:, :1] - 1
-    ids = (torch.diff(pos, prepend=first, dim=-1) != 1).cumsum(-1)
+    ids = ((torch.diff(pos, prepend=first, dim=-1) != 1) & (pos == 0)).cumsum(-1)
     if not bool((ids[:, -1] != 0).any()):   # one host sync, as upstream's detection
         return None
     return ids

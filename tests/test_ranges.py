@@ -5,7 +5,9 @@ target package, the bug measured by running ``scripts/lab/<id>.py`` in a fresh i
 declaration must follow them:
 
 * a ``yes`` row (bug measured) lies inside ``requires`` for that package, and the patch fixed it
-  there (``..., fixed``);
+  there (``..., fixed``) or refused it (``TARGET_CHANGED``); a ``yes`` row outside ``requires``
+  (a buggy release the patch cannot fix, left alone) and a refused one must be named in the
+  page's ``## Limits``;
 * a ``no`` row lies outside ``requires`` (and a release at/after ``fixed_in`` is never ``yes``);
   the patch never applied where there was no bug;
 * at least 4 measured releases per patch, and both sides of every boundary of ``requires`` and
@@ -91,10 +93,15 @@ def problems(patch, rows: list[dict[str, str]] | None, limits: str = "") -> list
         inside = all(req.specifier.contains(v, prereleases=True) for req in _lines(patch, r["package"]))
         fixed = _fixed(patch, r["package"])
         if bug == "yes":
-            if not inside:
-                out.append(f"{tag}: bug measured, but outside requires {patch.requires}")
             if fixed is not None and fixed.specifier.contains(v, prereleases=True):
                 out.append(f"{tag}: bug measured, but at/after fixed_in {patch.fixed_in}")
+            if not inside:
+                # a buggy release the patch cannot fix stays outside requires (the patch does not
+                # touch it) only when the page's "## Limits" names it
+                if word in ("APPLIED", "ALREADY_APPLIED") or r["release"] not in limits:
+                    out.append(f"{tag}: bug measured, but outside requires {patch.requires} "
+                               f"(and '## Limits' of the page does not name {r['release']})")
+                continue
             # TARGET_CHANGED: the patch met code it does not know and refused, changing nothing
             # (honest; the page must say why under "## Limits"); anything else must be fixed
             if word == "TARGET_CHANGED":
@@ -207,3 +214,18 @@ def test_the_lab_round_trips_a_table(tmp_path, monkeypatch):
     assert text.startswith("# x\n\nprose\n\n## Versions checked\n") and text.rstrip().endswith("## After\n\nmore")
     rows = LAB.read_rows(text)
     assert [(r["package"], r["bug"]) for r in rows] == [("a", "no"), ("b", "yes")]
+
+
+def test_a_buggy_release_outside_requires_must_be_named_in_limits():
+    """A measured buggy release below ``requires`` (the patch cannot fix it and leaves it alone)
+    passes only when ``## Limits`` names it; applying there never passes."""
+    from hfpatches._declare import Patch
+
+    p = Patch(id="x", summary="", upstream=(), requires=("pkg>=1.2",), fixed_in=None, targets=())
+    rows = [dict(package="pkg", release=r, bug="yes", probe="bug", patched=o, checked="2026-12-05")
+            for r, o in (("1.1.0", "NOT_AFFECTED"), ("1.2.0", "APPLIED, fixed"), ("1.3.0", "APPLIED, fixed"),
+                         ("1.4.0", "APPLIED, fixed"))]
+    assert any("outside requires" in s for s in problems(p, rows, ""))
+    assert problems(p, rows, "* pkg 1.1.0: the patch cannot fix it") == []
+    rows[0]["patched"] = "APPLIED, fixed"
+    assert any("outside requires" in s for s in problems(p, rows, "* pkg 1.1.0: the patch cannot fix it"))

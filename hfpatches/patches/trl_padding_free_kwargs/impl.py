@@ -220,6 +220,32 @@ class _Kernel:
         return q.clone()
 
 
+def _no_flash_kwargs(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    return {}
+
+
+def _stand_ins(fn: Any, kernel: _Kernel) -> dict[str, Any] | str:
+    """The module globals through which ``fn`` (transformers' ``_flash_attention_forward``) finds
+    flash-attn's kernels, each standing for ``kernel``; a reason (str) when it finds them some
+    other way. transformers 4.51 calls the globals ``flash_attn_varlen_func`` / ``flash_attn_func``;
+    4.56 calls ``lazy_import_flash_attention(implementation)`` (imports flash-attn, which needs
+    CUDA, and caches it) -> ((dense, varlen, pad, unpad), kwargs builder). Only the copy's
+    globals name them: the module and its cache are left as they are."""
+    names = set(fn.__code__.co_names)
+    if "lazy_import_flash_attention" in names:
+        source = fn.__globals__   # transformers.modeling_flash_attention_utils
+        pad, unpad = source.get("_pad_input"), source.get("_unpad_input")
+        if "_loaded_implementation" in source or pad is None or unpad is None:
+            return (f"{FA_MODULE}.{ENTRY} looks its kernels up through a lazy_import_flash_attention "
+                    "the probe does not know (newer than transformers 4.56)")
+        return {"lazy_import_flash_attention":
+                lambda *a, **k: ((kernel.dense, kernel.varlen, pad, unpad), _no_flash_kwargs)}
+    if "flash_attn_varlen_func" in names:
+        return {"flash_attn_varlen_func": kernel.varlen, "flash_attn_func": kernel.dense,
+                "_flash_supports_window_size": False}
+    return f"{FA_MODULE}.{ENTRY} finds flash-attn's kernels in a way the probe does not know"
+
+
 def _through_entry(ctx: Any, batch: Any) -> Any:
     """What flash-attn's varlen kernel gets when transformers' FlashAttention-2 entry, as it is
     live now (wrappers included, ours or not), is called the way the attention integration calls
@@ -233,8 +259,10 @@ def _through_entry(ctx: Any, batch: Any) -> Any:
         layers.append(fn._self_wrapper)
         fn = fn.__wrapped__
     kernel = _Kernel()
-    call = _rebound(fn, flash_attn_varlen_func=kernel.varlen, flash_attn_func=kernel.dense,
-                    _flash_supports_window_size=False)
+    stand_ins = _stand_ins(fn, kernel)
+    if isinstance(stand_ins, str):
+        return stand_ins
+    call = _rebound(fn, **stand_ins)
     if call is None:
         return f"{FA_MODULE}.{ENTRY} is a {type(fn).__name__}, not a function the probe can run"
     for wrapper in reversed(layers):

@@ -10,11 +10,12 @@ message "cu_seqlens_q must have shape (batch_size + 1)". ``max_seqlen_*`` is tak
 sequence (the kernel tiles by it; a too-small value gives wrong results there, an error here).
 
 ``install(monkeypatch)`` puts them into ``transformers.modeling_flash_attention_utils`` for one
-test, where its ``_flash_attention_forward`` finds them at call time: 4.51 looks up the module
-globals ``flash_attn_varlen_func`` / ``flash_attn_func``; 4.56 calls ``lazy_import_flash_attention``,
-which returns its cache ``_flash_fn`` / ``_flash_varlen_fn`` / ``_pad_fn`` / ``_unpad_fn`` /
-``_process_flash_kwargs_fn`` once filled (filled here, so flash-attn is never imported: it needs
-CUDA). ``installed()`` is the same as a context manager for child processes. ``calls`` records
+test, where its ``_flash_attention_forward`` finds them at call time: 4.51-4.53 look up the module
+globals ``flash_attn_varlen_func`` / ``flash_attn_func`` (4.53: ``flash_attn_2_*``); 4.54-4.55
+keep ``_lazy_imports``' result in module globals ``_flash_fn`` / ``_flash_varlen_fn`` / ... ;
+4.56-4.57 call ``lazy_import_flash_attention``, which returns its cache ``_flash_fn`` /
+``_flash_varlen_fn`` / ``_pad_fn`` / ``_unpad_fn`` / ``_process_flash_kwargs_fn`` once filled.
+Those caches are filled here, so flash-attn (its import needs CUDA) is never imported. ``installed()`` is the same as a context manager for child processes. ``calls`` records
 what the varlen function got.
 """
 from __future__ import annotations
@@ -73,15 +74,20 @@ class Reference:
 
 def _values(mod, ref: Reference) -> dict:
     """The module globals to set so that ``mod._flash_attention_forward`` calls ``ref``."""
-    if "lazy_import_flash_attention" not in vars(mod):   # transformers 4.51
-        return {"flash_attn_varlen_func": ref.varlen, "flash_attn_func": ref.dense,
-                "_flash_supports_window_size": False}
-    cache = ("_flash_fn", "_flash_varlen_fn", "_pad_fn", "_unpad_fn", "_process_flash_kwargs_fn")
-    if "_loaded_implementation" in vars(mod) or not all(n in vars(mod) for n in cache):
-        raise NotImplementedError(f"{MODULE}: the stand-in knows transformers 4.51's and 4.56's lookups only")
-    return {"_flash_fn": ref.dense, "_flash_varlen_fn": ref.varlen, "_pad_fn": mod._pad_input,
-            "_unpad_fn": mod._unpad_input,
-            "_process_flash_kwargs_fn": mod._lazy_define_process_function(ref.varlen)}
+    names = set(mod._flash_attention_forward.__code__.co_names)
+    if "_loaded_implementation" in vars(mod):
+        raise NotImplementedError(f"{MODULE}: the stand-in knows transformers 4.51-4.57's lookups only")
+    if "lazy_import_flash_attention" in names:   # 4.56-4.57: its cache, once filled, is returned
+        return {"_flash_fn": ref.dense, "_flash_varlen_fn": ref.varlen, "_pad_fn": mod._pad_input,
+                "_unpad_fn": mod._unpad_input,
+                "_process_flash_kwargs_fn": mod._lazy_define_process_function(ref.varlen)}
+    if "_lazy_imports" in names:                 # 4.54-4.55: the cache it keeps in globals()
+        return {"_flash_fn": ref.dense, "_flash_varlen_fn": ref.varlen, "_pad_fn": mod._pad_input,
+                "_unpad_fn": mod._unpad_input, "_is_fa3": False, "_flash_supports_window": True}
+    # 4.51-4.53 (4.53 picks flash_attn_2_* for attn_implementation="flash_attention_2")
+    return {"flash_attn_varlen_func": ref.varlen, "flash_attn_func": ref.dense,
+            "flash_attn_2_varlen_func": ref.varlen, "flash_attn_2_func": ref.dense,
+            "_flash_supports_window_size": False}
 
 
 def install(monkeypatch) -> Reference:

@@ -230,6 +230,7 @@ def _unused(*args: Any, **kwargs: Any) -> Any:   # pad/unpad: the probe's call h
 
 _VARLEN = ("flash_attn_varlen_func", "flash_attn_2_varlen_func", "flash_attn_3_varlen_func")
 _DENSE = ("flash_attn_func", "flash_attn_2_func", "flash_attn_3_func")
+_PADDING = ("pad_input", "unpad_input", "pad_input_fa2", "unpad_input_fa2", "pad_input_fa3", "unpad_input_fa3")
 
 
 def _stand_ins(fn: Any, kernel: _Kernel) -> dict[str, Any] | str:
@@ -237,9 +238,10 @@ def _stand_ins(fn: Any, kernel: _Kernel) -> dict[str, Any] | str:
     flash-attn's kernels, each standing for ``kernel``; a reason (str) when it finds them some
     way the probe does not know. Only the copy's globals name them: the module and its caches are
     left as they are (flash-attn's import needs CUDA). By release: 4.51-4.53 call module globals
-    ``flash_attn_varlen_func`` (4.53 also ``flash_attn_2_varlen_func``/``_3_``); 4.54-4.55 call
-    ``_lazy_imports(implementation)`` and cache its result in ``globals()``; 4.56-4.57 call
-    ``lazy_import_flash_attention(implementation)`` -> ((dense, varlen, pad, unpad), kwargs builder)."""
+    ``flash_attn_varlen_func`` (4.53 also ``flash_attn_2_varlen_func``, ``pad_input``, ``HAS_FA3``,
+    ...); 4.54-4.55 call ``_lazy_imports(implementation)`` and cache its result in ``globals()``
+    (the copy's); 4.56-4.57 call ``lazy_import_flash_attention(implementation)`` -> ((dense, varlen,
+    pad, unpad), kwargs builder)."""
     names = set(fn.__code__.co_names)
     source = fn.__globals__   # transformers.modeling_flash_attention_utils
     if "_loaded_implementation" in source:
@@ -254,7 +256,7 @@ def _stand_ins(fn: Any, kernel: _Kernel) -> dict[str, Any] | str:
                 "_unpad_fn": _unused, "_is_fa3": False, "_flash_supports_window": False}
     if "flash_attn_varlen_func" in names:
         return {**dict.fromkeys(_VARLEN, kernel.varlen), **dict.fromkeys(_DENSE, kernel.dense),
-                "_flash_supports_window_size": False}
+                **dict.fromkeys(_PADDING, _unused), "_flash_supports_window_size": False, "HAS_FA3": False}
     return f"{FA_MODULE}.{ENTRY} finds flash-attn's kernels in a way the probe does not know"
 
 

@@ -112,8 +112,17 @@ def test_outcome_per_stack(stack, modules):
 def test_probe_is_behavioural(stack, modules):
     if stack != "affected":
         pytest.skip("no DataCollatorForCompletionOnlyLM in trl >= 0.20: nothing to probe")
+    import transformers.modeling_flash_attention_utils as fau
+
     from hfpatches._engine import run_check, run_probe
 
+    # the probe's copy of the entry stands in for the kernel lookup of the installed release
+    # (module globals, 4.54's _lazy_imports cache, 4.56's lazy_import_flash_attention cache):
+    # transformers' own module and caches are never touched (flash-attn is not loaded)
+    names = ("flash_attn_varlen_func", "flash_attn_func", "_flash_fn", "_flash_varlen_fn", "_pad_fn", "_unpad_fn",
+             "_process_flash_kwargs_fn", "_is_fa3", "_flash_supports_window", "lazy_import_flash_attention")
+    missing = object()
+    snapshot = {n: vars(fau).get(n, missing) for n in names}
     assert run_check(PID) is None
     before = run_probe(PID)
     assert before.bug_present, before
@@ -126,6 +135,7 @@ def test_probe_is_behavioural(stack, modules):
         in after.detail, after
     hfpatches.revert([PID])
     assert run_probe(PID).bug_present
+    assert all(vars(fau).get(n, missing) is v for n, v in snapshot.items())
 
 
 # ----------------------------------------------------------------------------- the conversion

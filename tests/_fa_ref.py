@@ -1,4 +1,4 @@
-"""CPU-test-only stand-in for flash-attn's kernels inside transformers 4.51's FlashAttention-2 path.
+"""CPU-test-only stand-in for flash-attn's kernels inside transformers' FlashAttention-2 path.
 
 Never imported by the package. ``flash_attn_varlen_func`` / ``flash_attn_func`` are pure-torch
 references (per-sequence causal attention with ``scaled_dot_product_attention`` in float32), and
@@ -9,9 +9,15 @@ message "cu_seqlens_q must have shape (batch_size + 1)". ``max_seqlen_*`` is tak
 (a 1-element tensor converts through ``__index__``, as in the pybind call) and must bound every
 sequence (the kernel tiles by it; a too-small value gives wrong results there, an error here).
 
-``install(monkeypatch)`` puts them into ``transformers.modeling_flash_attention_utils`` (where
-4.51's ``_flash_attention_forward`` looks them up at call time) for one test; ``installed()`` is
-the same as a context manager for child processes. ``calls`` records what the varlen function got.
+``install(monkeypatch)`` puts them into ``transformers.modeling_flash_attention_utils`` for one
+test, where its ``_flash_attention_forward`` finds them at call time: 4.51-4.53 look up the module
+globals ``flash_attn_varlen_func`` / ``flash_attn_func`` (4.53: ``flash_attn_2_*``); 4.54-4.55
+keep ``_lazy_imports``' result in module globals ``_flash_fn`` / ``_flash_varlen_fn`` / ... ;
+4.56-4.57 call ``lazy_import_flash_attention``, which returns its cache ``_flash_fn`` /
+``_flash_varlen_fn`` / ``_pad_fn`` / ``_unpad_fn`` / ``_process_flash_kwargs_fn`` once filled.
+Those caches are filled here, so flash-attn (its import needs CUDA) is never imported.
+``installed()`` is the same as a context manager for child processes. ``calls`` records what the
+varlen function got.
 """
 from __future__ import annotations
 
@@ -67,9 +73,34 @@ class Reference:
         return torch.stack([self._attend(q[b], k[b], v[b], softmax_scale, causal) for b in range(q.shape[0])])
 
 
-def _values(ref: Reference) -> dict:
-    return {"flash_attn_varlen_func": ref.varlen, "flash_attn_func": ref.dense,
-            "_flash_supports_window_size": False}
+def _padding(mod):
+    """transformers' own pure-torch pad/unpad (flash-attn's need its import)."""
+    pad = getattr(mod, "_pad_input", None) or getattr(mod, "_fa3_pad_input")
+    unpad = getattr(mod, "_unpad_input", None) or getattr(mod, "_fa3_unpad_input")
+    return pad, unpad
+
+
+def _values(mod, ref: Reference) -> dict:
+    """The module globals to set so that ``mod._flash_attention_forward`` calls ``ref``."""
+    names = set(mod._flash_attention_forward.__code__.co_names)
+    if "_loaded_implementation" in vars(mod):
+        raise NotImplementedError(f"{MODULE}: the stand-in knows transformers 4.51-4.57's lookups only")
+    if "lazy_import_flash_attention" in names:   # 4.56-4.57: its cache, once filled, is returned
+        pad, unpad = _padding(mod)
+        return {"_flash_fn": ref.dense, "_flash_varlen_fn": ref.varlen, "_pad_fn": pad, "_unpad_fn": unpad,
+                "_process_flash_kwargs_fn": mod._lazy_define_process_function(ref.varlen)}
+    if "_lazy_imports" in names:                 # 4.54-4.55: the cache it keeps in globals()
+        pad, unpad = _padding(mod)
+        return {"_flash_fn": ref.dense, "_flash_varlen_fn": ref.varlen, "_pad_fn": pad, "_unpad_fn": unpad,
+                "_is_fa3": False, "_flash_supports_window": True}
+    # 4.51-4.53 (4.53 picks flash_attn_2_* / pad_input_fa2 for attn_implementation="flash_attention_2")
+    out = {"flash_attn_varlen_func": ref.varlen, "flash_attn_func": ref.dense,
+           "_flash_supports_window_size": False}
+    if "flash_attn_2_varlen_func" in names:
+        pad, unpad = _padding(mod)
+        out.update(flash_attn_2_varlen_func=ref.varlen, flash_attn_2_func=ref.dense, HAS_FA3=False,
+                   pad_input=pad, unpad_input=unpad, pad_input_fa2=pad, unpad_input_fa2=unpad)
+    return out
 
 
 def install(monkeypatch) -> Reference:
@@ -77,7 +108,7 @@ def install(monkeypatch) -> Reference:
 
     mod = importlib.import_module(MODULE)
     ref = Reference()
-    for k, v in _values(ref).items():
+    for k, v in _values(mod, ref).items():
         monkeypatch.setattr(mod, k, v, raising=False)
     return ref
 
@@ -89,9 +120,10 @@ def installed():
     mod = importlib.import_module(MODULE)
     ref = Reference()
     missing = object()
-    saved = {k: vars(mod).get(k, missing) for k in _values(ref)}
+    values = _values(mod, ref)
+    saved = {k: vars(mod).get(k, missing) for k in values}
     try:
-        for k, v in _values(ref).items():
+        for k, v in values.items():
             setattr(mod, k, v)
         yield ref
     finally:

@@ -2,7 +2,8 @@
 padding_free=True) batch straight into a tiny Llama with attn_implementation="flash_attention_2"
 (a custom loop: ``model(**batch)``, no Trainer). flash-attn's kernels are replaced by the CPU
 stand-in of the test suite (tests/_fa_ref.py: checks its arguments like the CUDA kernel), put into
-``transformers.modeling_flash_attention_utils`` in this throwaway interpreter only. Bug: the
+``transformers.modeling_flash_attention_utils`` (where each release 4.51-4.57 looks them up) in
+this throwaway interpreter only. Bug: the
 kernel rejects the batch ("cu_seqlens_q must have shape (batch_size + 1)"); fixed: it runs and
 each packed sequence's logits equal the sequence run alone (1e-5)."""
 from __future__ import annotations
@@ -10,8 +11,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# both sides of 0.16.0 (the collator's FlashAttention keys) and 0.20 (the collator removed)
-LAB_RUNS = [{"versions": "0.15.2,0.16.0,0.17.0,0.18.1,0.19.1,0.20.0"}]
+# both sides of 0.16.0 (the collator's FlashAttention keys) and 0.20 (the collator removed), on
+# the affected stack (transformers 4.51.3); then TRL 0.19.1 (the boundary stack) on every
+# transformers minor it supports up to 4.57: their FlashAttention-2 entry finds flash-attn's
+# kernels in three different ways (module globals, _lazy_imports, lazy_import_flash_attention)
+LAB_RUNS = [{"versions": "0.15.2,0.16.0,0.17.0,0.18.1,0.19.1,0.20.0"},
+            {"package": "transformers", "versions": "4.51.3,4.52.4,4.53.1,4.54.1,4.55.0", "stack": "boundary",
+             "with": ["tokenizers==0.21.4"]},
+            {"package": "transformers", "versions": "4.56.2,4.57.6", "stack": "boundary"}]
 
 
 def reproduce() -> tuple[bool | None, str]:

@@ -220,6 +220,46 @@ class _Kernel:
         return q.clone()
 
 
+def _no_flash_kwargs(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    return {}
+
+
+def _unused(*args: Any, **kwargs: Any) -> Any:   # pad/unpad: the probe's call has no padding mask
+    raise RuntimeError("not used by the probe")
+
+
+_VARLEN = ("flash_attn_varlen_func", "flash_attn_2_varlen_func", "flash_attn_3_varlen_func")
+_DENSE = ("flash_attn_func", "flash_attn_2_func", "flash_attn_3_func")
+_PADDING = ("pad_input", "unpad_input", "pad_input_fa2", "unpad_input_fa2", "pad_input_fa3", "unpad_input_fa3")
+
+
+def _stand_ins(fn: Any, kernel: _Kernel) -> dict[str, Any] | str:
+    """The module globals through which ``fn`` (transformers' ``_flash_attention_forward``) finds
+    flash-attn's kernels, each standing for ``kernel``; a reason (str) when it finds them some
+    way the probe does not know. Only the copy's globals name them: the module and its caches are
+    left as they are (flash-attn's import needs CUDA). By release: 4.51-4.53 call module globals
+    ``flash_attn_varlen_func`` (4.53 also ``flash_attn_2_varlen_func``, ``pad_input``, ``HAS_FA3``,
+    ...); 4.54-4.55 call ``_lazy_imports(implementation)`` and cache its result in ``globals()``
+    (the copy's); 4.56-4.57 call ``lazy_import_flash_attention(implementation)`` -> ((dense, varlen,
+    pad, unpad), kwargs builder)."""
+    names = set(fn.__code__.co_names)
+    source = fn.__globals__   # transformers.modeling_flash_attention_utils
+    if "_loaded_implementation" in source:
+        return (f"{FA_MODULE}.{ENTRY} looks its kernels up by a loaded implementation the probe "
+                "does not know (newer than transformers 4.57)")
+    if "lazy_import_flash_attention" in names:
+        return {"lazy_import_flash_attention":
+                lambda *a, **k: ((kernel.dense, kernel.varlen, _unused, _unused), _no_flash_kwargs)}
+    if "_lazy_imports" in names:
+        return {"_lazy_imports": lambda *a, **k: (kernel.dense, kernel.varlen, _unused, _unused, False),
+                "_flash_fn": kernel.dense, "_flash_varlen_fn": kernel.varlen, "_pad_fn": _unused,
+                "_unpad_fn": _unused, "_is_fa3": False, "_flash_supports_window": False}
+    if "flash_attn_varlen_func" in names:
+        return {**dict.fromkeys(_VARLEN, kernel.varlen), **dict.fromkeys(_DENSE, kernel.dense),
+                **dict.fromkeys(_PADDING, _unused), "_flash_supports_window_size": False, "HAS_FA3": False}
+    return f"{FA_MODULE}.{ENTRY} finds flash-attn's kernels in a way the probe does not know"
+
+
 def _through_entry(ctx: Any, batch: Any) -> Any:
     """What flash-attn's varlen kernel gets when transformers' FlashAttention-2 entry, as it is
     live now (wrappers included, ours or not), is called the way the attention integration calls
@@ -233,8 +273,10 @@ def _through_entry(ctx: Any, batch: Any) -> Any:
         layers.append(fn._self_wrapper)
         fn = fn.__wrapped__
     kernel = _Kernel()
-    call = _rebound(fn, flash_attn_varlen_func=kernel.varlen, flash_attn_func=kernel.dense,
-                    _flash_supports_window_size=False)
+    stand_ins = _stand_ins(fn, kernel)
+    if isinstance(stand_ins, str):
+        return stand_ins
+    call = _rebound(fn, **stand_ins)
     if call is None:
         return f"{FA_MODULE}.{ENTRY} is a {type(fn).__name__}, not a function the probe can run"
     for wrapper in reversed(layers):

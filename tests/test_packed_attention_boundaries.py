@@ -61,10 +61,30 @@ def _reverted():
 
 
 def test_declaration():
+    from hfpatches._declare import Target
+
     p = registry()[PID]
-    assert p.default_enabled and p.fixed_in is None and p.targets == ()
+    assert p.default_enabled and p.fixed_in is None and p.requires == ("transformers>=4.41",)
+    # the one fixed target: architectures imported mid-apply attach at the first model's post_init
+    assert p.targets == (Target("transformers.modeling_utils", "PreTrainedModel.post_init"),)
     assert p.modules == ("transformers.modeling_utils",)
+    import transformers.modeling_utils  # noqa: F401  (the engine checks once its target is imported)
+
     assert run_check(PID) is None
+
+
+def _own_cache(model, train):
+    """Whether the model makes its own cache for ``use_cache=True`` in this mode (Gemma2 on
+    4.53.1-4.57 makes none in training: upstream's packing detection then runs, no leak)."""
+    was = model.training
+    model.train(train)
+    try:
+        with torch.no_grad():
+            b = demo.packed(model.device)
+            out = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=True)
+    finally:
+        model.train(was)
+    return out.past_key_values is not None
 
 
 CASES = [(a, sw) for a in demo._CLASSES for sw in ((None, 3) if a in SLIDING else (None,))]
@@ -79,8 +99,9 @@ def test_packed_equals_separate(arch, sw, impl_):
     model = _model(arch, impl_, sw)
     modes = [(train, cache) for train in (False, True) for cache in (False, True)]
     unpatched = {m: demo.gaps(model, train=m[0], use_cache=m[1]) for m in modes}
+    detects = _upstream_detects_packing()
     for (train, cache), (lg, ll) in unpatched.items():
-        if cache or not _upstream_detects_packing():
+        if not detects or (cache and _own_cache(model, train)):
             assert lg > 1e-3 and ll > 1e-4, (train, cache, lg, ll)   # the bug, shown
         else:
             assert lg <= TOL, (train, cache, lg)                     # upstream right without cache
@@ -226,6 +247,12 @@ def test_sft_trainer_padding_free_sdpa(tmp_path):
     un = loss(rows)
     _apply()
     pa = loss(rows)
+    batch = trainer.data_collator(rows)
+    if "position_ids" not in batch and "cu_seq_lens_q" not in batch:
+        # TRL 0.19-0.20 with a non-flash attention: the collator drops position_ids and writes an all-ones
+        # attention mask, the boundaries never reach the model. Contaminated, and left as it is (docs: Limits).
+        assert abs(un - sep) > 1e-3 and pa == un, (un, pa, sep)
+        return
     if trl.__version__.startswith("0."):
         assert abs(un - sep) > 1e-3, (un, sep)    # contaminated (TRL only warns)
     assert abs(pa - sep) <= 1e-5, (pa, sep)

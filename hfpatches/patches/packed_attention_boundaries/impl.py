@@ -12,8 +12,9 @@ Two hooks per covered decoder class, and one per stack shape:
   where upstream returns None (sdpa's ``is_causal``) the block-diagonal causal mask is built.
 * shape "masking_utils" (4.53.1+): ``masking_utils._preprocess_mask_arguments`` (wrapped): where
   upstream skipped packing detection only because the model made its own (empty) cache, or the
-  boundaries came as ``cu_seq_lens_q``, the sequence indices are handed to upstream's mask builders
-  (the same sizes as without a cache, checked).
+  boundaries came as ``cu_seq_lens_q`` (upstream found one sequence: None on 5.x, all-zero indices
+  on 4.53.1-4.57), the sequence indices are handed to upstream's mask builders (the same sizes as
+  without a cache, checked).
 """
 from __future__ import annotations
 
@@ -183,7 +184,7 @@ def _update_causal_mask(names: tuple[str, ...], wrapped: Any, instance: Any, arg
 def _preprocess(names: tuple[str, ...], wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     result = wrapped(*args, **kwargs)
     ids = _PACKED.get()
-    if ids is None or not isinstance(result, tuple) or len(result) < 5 or result[0] or result[2] is not None:
+    if ids is None or not isinstance(result, tuple) or len(result) < 5 or result[0] or _found(result[2]):
         return result
     bound = _bind(names, args, kwargs)
     x: Any = bound.get(EMBEDS[0], bound.get(EMBEDS[1]))
@@ -200,6 +201,18 @@ def _preprocess(names: tuple[str, ...], wrapped: Any, instance: Any, args: Any, 
         if not isinstance(fresh, tuple) or fresh[0] or tuple(fresh[3:]) != tuple(result[3:]):
             return result
     return (result[0], result[1], ids.to(x.device), *result[3:])
+
+
+def _found(seq: Any) -> bool:
+    """Whether upstream's own packed-sequence indices separate anything. It found none when it gives
+    None (5.x; every release when it skipped detection) or indices that are all 0 (4.53.1-4.57 return
+    the tensor even for one sequence per row); anything else is upstream's and kept."""
+    if seq is None:
+        return False
+    torch = sys.modules["torch"]
+    if not torch.is_tensor(seq) or seq.dim() != 2:
+        return True
+    return bool((seq[:, -1] != 0).any())   # one host sync, only for a batch the patch found packed
 
 
 def _with(names: tuple[str, ...], args: Any, kwargs: Any, name: str, value: Any) -> tuple[Any, Any]:

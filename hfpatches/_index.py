@@ -55,8 +55,9 @@ PATCHES = (
         upstream=('linkedin/Liger-Kernel#650', 'linkedin/Liger-Kernel#651', 'linkedin/Liger-Kernel#708'),
         requires=('liger-kernel>=0.5.6,!=0.5.7,!=0.5.8,!=0.5.9,!=0.5.10,!=0.6.0,!=0.6.1,!=0.6.2,<0.6.5',),
         fixed_in='liger-kernel>=0.6.5',
-        targets=(Target(module='liger_kernel.transformers', attr='model.loss_utils.fixed_fused_linear_cross_entropy', params=('hidden_states', 'lm_head_weight', 'target')),),
+        targets=(Target(module='liger_kernel.transformers.model.loss_utils', attr='fixed_fused_linear_cross_entropy', params=('hidden_states', 'lm_head_weight', 'target')),),
         impl='hfpatches.patches.liger_flash_kwargs.impl',
+        waits_for=('liger_kernel.transformers',),
     ),
     Patch(
         id='liger_flce_reduction_none',

@@ -70,9 +70,18 @@ def same_recorded(recs: list) -> str:
 
 
 def or_recorded(saved: dict, pid: str) -> dict:
-    """``saved`` (the declared targets before apply) or, for a patch without declared targets, what
-    the recorder says it replaced (in the same form)."""
-    return saved or {f"{getattr(o, '__qualname__', o)}.{n}": (o, n, raw, own) for o, n, raw, own in recorded(pid)}
+    """``saved`` (the declared targets before apply) and, unless each of them is its owner's own
+    attribute, what the recorder says the patch replaced (in the same form): a patch without
+    declared targets, or whose declared target is inherited (peft >= 0.18: ``LoraModel`` inherits
+    ``BaseTuner._unload_and_optionally_merge``), changes owners only the recorder names."""
+    if saved and all(own for _, _, _, own in saved.values()):
+        return saved
+    out = dict(saved)
+    covered = {(id(o), n) for o, n, _, _ in saved.values()}
+    for o, n, raw, own in recorded(pid):
+        if (id(o), n) not in covered:
+            out[f"{getattr(o, '__qualname__', o)}.{n}"] = (o, n, raw, own)
+    return out
 
 
 def same(before: dict) -> str:

@@ -39,8 +39,8 @@ def python(tmp_path_factory) -> str:
 
 
 def _expected_live(stack: str) -> list[str]:
-    """At least these; outside liger_flash_kwargs' range (liger-kernel 0.8.5 on the latest stack,
-    0.6.3 on the boundary stack) it has no bug: NOT_AFFECTED there."""
+    """At least these; outside liger_flash_kwargs' range (liger-kernel 0.8.5 on the latest stack)
+    it has no bug: NOT_AFFECTED there (0.5.6 and the boundary stack's 0.6.3 are in it)."""
     from conftest import in_range
 
     return ["liger_flash_kwargs", "meta_buffers"] if in_range("liger_flash_kwargs") else ["meta_buffers"]

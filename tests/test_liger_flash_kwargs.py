@@ -115,7 +115,9 @@ def test_declaration():
     assert p.requires == ("liger-kernel>=0.5.6,!=0.5.7,!=0.5.8,!=0.5.9,!=0.5.10,!=0.6.0,!=0.6.1,!=0.6.2,<0.6.5",)
     assert p.fixed_in == "liger-kernel>=0.6.5"
     assert p.targets[0].path == "liger_kernel.transformers.model.loss_utils.fixed_fused_linear_cross_entropy"
-    assert p.modules == ("liger_kernel.transformers",)   # attaches once the package finished importing
+    # attaches once the package finished importing (<= 0.5.x: loss_utils is imported in its middle)
+    # and loss_utils is there (>= 0.6: the package is lazy, loss_utils comes with monkey_patch)
+    assert p.modules == ("liger_kernel.transformers.model.loss_utils", "liger_kernel.transformers")
     assert "linkedin/Liger-Kernel#650" in p.upstream and "linkedin/Liger-Kernel#651" in p.upstream
 
 

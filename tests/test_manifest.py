@@ -32,6 +32,14 @@ TESTS = Path(__file__).resolve().parent
 
 
 # ----------------------------------------------------------------------------- helpers
+@pytest.fixture(autouse=True)
+def fresh_record(monkeypatch):
+    """Each test gets a record of its own: the engine's writer is process-wide (one record per
+    interpreter, its timeline since the first write), so an earlier test in this worker that set
+    ``HFPATCHES_REPORT`` (tests/test_core.py, or one here) would otherwise open this test's timeline."""
+    monkeypatch.setattr(ENGINE, "manifest", None)
+
+
 @pytest.fixture
 def fake(tmp_path):
     """A fake target package and a patch fixing its ``add`` (removed afterwards)."""

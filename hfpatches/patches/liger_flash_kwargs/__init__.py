@@ -33,9 +33,11 @@ PATCH = Patch(
     # back; the releases between them were measured without the bug (docs table)
     requires=("liger-kernel>=0.5.6,!=0.5.7,!=0.5.8,!=0.5.9,!=0.5.10,!=0.6.0,!=0.6.1,!=0.6.2,<0.6.5",),
     fixed_in="liger-kernel>=0.6.5",
-    # Declared on the package: its post-import hook fires once ``liger_kernel.transformers`` has
-    # finished importing (loss_utils is imported in the middle of it, whichever module the user
-    # names); the attribute path then reaches loss_utils.
-    targets=(Target("liger_kernel.transformers", "model.loss_utils.fixed_fused_linear_cross_entropy",
+    # Declared on loss_utils, and waits for the whole package: up to 0.5.x importing the package
+    # imports loss_utils in its middle (whichever module the user names), so the patch attaches once
+    # the package has finished; from 0.6 the package is lazy and loss_utils comes later (with
+    # monkey_patch or a model module), so the patch attaches when loss_utils has.
+    targets=(Target("liger_kernel.transformers.model.loss_utils", "fixed_fused_linear_cross_entropy",
                     params=("hidden_states", "lm_head_weight", "target")),),
+    waits_for=("liger_kernel.transformers",),
 )

@@ -277,6 +277,9 @@ def _attach_hand_off(ctx, lu) -> None:
     entry = getattr(lu, ENTRY)
     ctx.state["hand_off"] = functools.partial(hand_off, ctx)
     originals = []
+    # From 0.6 the patch attaches when loss_utils has been imported, possibly in the middle of the
+    # model module that imports it first (no ``lce_forward`` yet, so not wrapped here): there (0.6.3-
+    # 0.6.4) every lce_forward hands all its keywords to the decoder itself; the hand-off adds nothing.
     for name, mod in list(sys.modules.items()):
         if mod is not None and name.startswith(MODEL_PKG + ".") and name != LOSS_UTILS:
             fn = _wrap_model_module(ctx, mod, entry)

@@ -13,9 +13,10 @@ Upstream
     huggingface/peft#2777 (report), huggingface/peft#3126 (fix, released in 0.19.0);
     huggingface/transformers#45127.
 Probe
-    A tiny tied Llama built in-process (RNG, logging and warnings restored): a modules_to_save
-    copy of ``lm_head`` made different, ``merge_and_unload()``; the bug is a config still tied
-    while the two embedding weights differ.
+    A tiny tied Llama built in-process (RNG and logging restored, no warning under any filter):
+    a modules_to_save copy of ``lm_head`` made different, ``merge_and_unload()``; the bug is a
+    config still tied while the two embedding weights differ (peft >= 0.19's own untie is caught
+    at the config, before the warning that follows it).
 What changes
     Every tuner's ``_unload_and_optionally_merge`` is wrapped: after a *merge* that leaves the input
     and output embedding weights as different tensors with different values, the config (and its

@@ -2,6 +2,7 @@
 docs/patches/peft_merge_untie.md)."""
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any
 
@@ -130,6 +131,45 @@ def check(ctx: Any) -> str | None:
 
 
 # ----------------------------------------------------------------------------- probe
+class _Untied(Exception):
+    """Raised by the probe's config watch when peft's own merge unties the config (peft >= 0.19)."""
+
+
+class _WatchedConfig:
+    """The probe's model config during its merge_and_unload: every read goes to the real config;
+    peft's own ``tie_word_embeddings = False`` (its fix, huggingface/peft#3126: a UserWarning comes
+    right after it) stops the probe's merge with ``_Untied`` there, so the probe says "fixed" without
+    that warning, quiet under every warnings filter. This patch's own untie goes through."""
+
+    def __init__(self, real: Any) -> None:
+        object.__setattr__(self, "_real", real)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_real"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        caller = sys._getframe(1).f_globals.get("__name__", "?")
+        if name == "tie_word_embeddings" and value is False and caller != __name__:
+            raise _Untied(caller)
+        setattr(object.__getattribute__(self, "_real"), name, value)
+
+    def get_text_config(self, *args: Any, **kwargs: Any) -> Any:
+        real = object.__getattribute__(self, "_real")
+        text = real.get_text_config(*args, **kwargs)
+        return self if text is real else text
+
+
+def _quiet_model_class(cls: Any) -> Any:
+    """``cls``, or where transformers deprecated ``is_gradient_checkpointing`` (a FutureWarning on
+    every read, an exception under ``-W error``) in favour of ``is_activation_checkpointing``, a
+    subclass of it (for the probe's own model only) whose ``is_gradient_checkpointing`` reads the new
+    name: ``PeftModel.__init__`` reads the old one. No warnings filter is touched (process-global)."""
+    if not isinstance(getattr(cls, "is_activation_checkpointing", None), property):
+        return cls
+    return type(cls.__name__, (cls,), {"__module__": __name__, "__doc__": cls.__doc__,
+                                       "is_gradient_checkpointing": property(lambda self: self.is_activation_checkpointing)})
+
+
 def probe(ctx: Any) -> ProbeResult:
     import torch
     import transformers
@@ -146,7 +186,7 @@ def probe(ctx: Any) -> ProbeResult:
                                        num_attention_heads=2, num_key_value_heads=1, head_dim=4,
                                        max_position_embeddings=16, tie_word_embeddings=False)
         torch.manual_seed(0)
-        model: Any = transformers.LlamaForCausalLM(cfg)
+        model: Any = _quiet_model_class(transformers.LlamaForCausalLM)(cfg)
         model.lm_head.weight = model.model.embed_tokens.weight      # tied, as tie_weights() does
         model._tied_weights_keys = []
         object.__setattr__(model, QUIET, True)
@@ -156,7 +196,15 @@ def probe(ctx: Any) -> ProbeResult:
             for name, p in pm.named_parameters():
                 if "modules_to_save" in name and name.endswith("lm_head.modules_to_save.default.weight"):
                     p.add_(1.0)            # the "trained" head
-        merged = pm.merge_and_unload()
+        real = model.config
+        model.config = _WatchedConfig(real)
+        try:
+            merged = pm.merge_and_unload()
+        except _Untied as e:
+            return ProbeResult(False, f"merge_and_unload unties the config itself ({e.args[0]} sets "
+                                      f"tie_word_embeddings=False) as the embeddings diverged")
+        finally:
+            model.config = real
     tied = [type(c).__name__ for c in tied_configs(merged.config)]
     differ = diverged(merged)
     if not differ:
